@@ -1,0 +1,139 @@
+"""COCO panoptic: `annotations/panoptic_{split}2017.json` + PNG folder `annotations/panoptic_{split}2017/`
+(RGB, id = R + 256 G + 256^2 B, 0 = void) + images `{split}2017/`.
+
+A sample keeps its PNG byte-identical. Because the PNG and `segments_info` must agree, a problem with
+one segment (unknown category, repeated id, degenerate box) rejects the whole sample; PNG ids without
+a segment entry and entries without pixels are found by the shard task, which decodes the PNG."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from data_prep import records as R
+from data_prep.records import Reject, SampleRecord, SegmentRecord
+from data_prep.shard_config import SourceConfig
+from data_prep.sources.box_rules import box_text, check_boxes
+from data_prep.sources.coco_json import _items, file_sha256, parse_categories, parse_images
+from data_prep.sources.coco_style import select_images
+from data_prep.sources.coco_style_build import list_folder, local_copy
+from data_prep.sources.index import (
+    SAMPLE_OVERHEAD_BYTES,
+    ANNOTATION_BYTES,
+    SourceIndex,
+    combine_fingerprints,
+    image_key,
+    listing_digest,
+)
+from data_prep.storage import Storage, join
+
+
+@dataclass(frozen=True)
+class PanopticEntry:
+    png_name: str
+    segments: tuple[SegmentRecord, ...]
+
+
+class PanopticIndex(SourceIndex):
+    def __init__(self, *, samples: list[SampleRecord], est_bytes: np.ndarray, **fields) -> None:
+        super().__init__(keys=[s.key for s in samples], est_bytes=est_bytes, **fields)
+        self._samples = samples
+
+    def records(self, start: int, stop: int) -> list[SampleRecord]:
+        return self._samples[start:stop]
+
+
+def _parse_entries(path: str) -> tuple[dict[int, PanopticEntry], list[Reject]]:
+    entries: dict[int, PanopticEntry] = {}
+    rejects: list[Reject] = []
+    for a in _items(path, "annotations.item"):
+        image_id = int(a["image_id"])
+        segments = tuple(
+            SegmentRecord(id=int(s["id"]), category_id=int(s["category_id"]), iscrowd=int(s.get("iscrowd", 0)),
+                          bbox_xywh=tuple(float(v) for v in s.get("bbox", (np.nan,) * 4)),
+                          area=int(s.get("area", 0)))
+            for s in a.get("segments_info", [])
+        )
+        if image_id in entries:
+            rejects.append(Reject(image_key(image_id), R.DUPLICATE_IMAGE,
+                                  "image has more than one panoptic annotation; the first is kept"))
+            continue
+        entries[image_id] = PanopticEntry(png_name=str(a["file_name"]), segments=segments)
+    return entries, rejects
+
+
+def _check_segments(key: str, entry: PanopticEntry, width: int, height: int, cat_ids: set[int]
+                    ) -> tuple[tuple[SegmentRecord, ...] | None, Reject | None, int]:
+    """Clipped segments, or a Reject for the whole sample; also how many boxes were clipped."""
+    segs = entry.segments
+    for s in segs:
+        if s.category_id not in cat_ids:
+            return None, Reject(key, R.UNKNOWN_CATEGORY,
+                                f"segment {s.id} has category_id {s.category_id}, not in the category list"), 0
+    ids = [s.id for s in segs]
+    if len(set(ids)) != len(ids):
+        return None, Reject(key, R.DUPLICATE_ANNOTATION_ID, "segments_info repeats a segment id"), 0
+    if not segs:
+        return (), None, 0
+    xywh = np.array([s.bbox_xywh for s in segs], dtype=np.float64)
+    check = check_boxes(xywh, np.full(len(segs), width), np.full(len(segs), height))
+    for i, s in enumerate(segs):
+        if check.degenerate[i] or check.outside[i]:
+            reason = R.DEGENERATE_BOX if check.degenerate[i] else R.BOX_OUTSIDE_IMAGE
+            return None, Reject(key, reason, f"segment {s.id} has bbox {box_text(xywh[i])}"), 0
+    clipped = tuple(
+        SegmentRecord(id=s.id, category_id=s.category_id, iscrowd=s.iscrowd,
+                      bbox_xywh=tuple(float(v) for v in check.clipped[i]), area=s.area)
+        for i, s in enumerate(segs)
+    )
+    return clipped, None, int(check.was_clipped.sum())
+
+
+def build(cfg: SourceConfig, storage: Storage, workdir: str) -> PanopticIndex:
+    annotation = cfg.annotation or join(cfg.root, "annotations", f"panoptic_{cfg.split}2017.json")
+    images_dir = cfg.images or join(cfg.root, f"{cfg.split}2017")
+    labels_dir = cfg.labels or join(cfg.root, "annotations", f"panoptic_{cfg.split}2017")
+    path = local_copy(storage, annotation, workdir)
+    categories = parse_categories(path)
+    cat_ids = {c.id for c in categories}
+    image_listing = list_folder(storage, images_dir, "image", "source.images")
+    label_listing = list_folder(storage, labels_dir, "panoptic PNG", "source.labels")
+    images = parse_images(path)
+    selection = select_images(images, image_listing, lambda name: name)
+    entries, rejects = _parse_entries(path)
+    rejects = selection.rejects + rejects
+    known_ids = set(int(i) for i in images.ids)
+    for image_id in sorted(set(entries) - known_ids):
+        rejects.append(Reject(image_key(image_id), R.UNKNOWN_IMAGE,
+                              f"panoptic annotation for image_id {image_id}, which is not in 'images'"))
+    samples: list[SampleRecord] = []
+    sizes: list[int] = []
+    clipped_total = 0
+    for key, row, rel in zip(selection.keys, selection.rows, selection.rel_paths):
+        image_id, width, height = int(images.ids[row]), int(images.widths[row]), int(images.heights[row])
+        entry = entries.get(image_id)
+        if entry is None:
+            rejects.append(Reject(key, R.MISSING_FILE, "image has no entry in the panoptic 'annotations'"))
+            continue
+        if entry.png_name not in label_listing:
+            rejects.append(Reject(key, R.MISSING_FILE, f"panoptic PNG '{entry.png_name}' is not in the PNG folder"))
+            continue
+        segments, reject, clipped = _check_segments(key, entry, width, height, cat_ids)
+        if reject is not None:
+            rejects.append(reject)
+            continue
+        clipped_total += clipped
+        samples.append(SampleRecord(
+            key=key, image_id=image_id, file_name=images.file_names[row],
+            image_uri=join(images_dir, rel), width=width, height=height,
+            label_uri=join(labels_dir, entry.png_name), segments=segments,
+        ))
+        sizes.append(image_listing[rel] + label_listing[entry.png_name] + SAMPLE_OVERHEAD_BYTES
+                     + ANNOTATION_BYTES * len(segments))
+    return PanopticIndex(
+        samples=samples, est_bytes=np.array(sizes, dtype=np.int64),
+        dataset="coco_panoptic", task="panoptic", split=cfg.split, categories=categories,
+        label_format="coco_rgb2id", driver_rejects=rejects, boxes_clipped=clipped_total,
+        fingerprint=combine_fingerprints(annotations=file_sha256(path), images=listing_digest(image_listing),
+                                         labels=listing_digest(label_listing)),
+    )

@@ -1,0 +1,183 @@
+"""One shard task: records -> a deterministic POSIX tar, published atomically, plus a small
+`_parts/<shard>.json` sidecar that lets a re-run skip the shard.
+
+Ordering constraints: the tar is published (atomic rename / multipart completion) before its
+sidecar, and the sidecar carries a digest of the task's inputs; a re-run trusts a shard only when
+the sidecar digest matches its new inputs and the published bytes re-hash to the recorded sha256.
+The tar is byte-identical for identical inputs: fixed mtime/owner/mode and members in a fixed order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from webdataset.writer import TarWriter
+
+from data_prep import records as R
+from data_prep.records import CONVERTER_VERSION, Reject, SampleRecord
+from data_prep.storage import Storage, StorageError, join
+from data_prep.validate import (
+    SampleProblem,
+    check_image_size,
+    check_panoptic_png,
+    check_semantic_png,
+    inspect_image,
+    to_compressed_rle,
+)
+
+PARTS_DIR = "_parts"
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What the driver hands one task: its slice of records and how to write them."""
+
+    index: int
+    name: str  # file name of the shard, e.g. "shard-000003.tar"
+    output: str  # the split's output folder (local or s3://)
+    records: list[SampleRecord]
+    dataset: str
+    task: str
+    num_classes: int
+    category_ids: tuple[int, ...]
+    decode: str
+    storage: Storage
+
+    def digest(self) -> str:
+        """Digest of everything that determines the shard's bytes (dataclass reprs are stable)."""
+        payload = repr((CONVERTER_VERSION, self.name, self.dataset, self.task, self.num_classes,
+                        self.category_ids, self.decode, self.records))
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class ShardResult:
+    index: int
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+    annotations: int
+    rejects: list[Reject] = field(default_factory=list)
+    reused: bool = False
+
+
+class _HashingWriter:
+    """File-like wrapper that hashes and counts what passes through (one pass for write + sha256)."""
+
+    def __init__(self, sink) -> None:
+        self._sink, self.sha256, self.size = sink, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._sink.write(data)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+
+def _annotation_json(a: R.AnnotationRecord, height: int, width: int) -> dict:
+    x, y, w, h = a.bbox_xywh
+    out = {"id": a.id, "category_id": a.category_id, "bbox": [x, y, x + w, y + h], "iscrowd": a.iscrowd,
+           "area": a.area}
+    if a.segmentation_json is not None:
+        out["segmentation"] = to_compressed_rle(a.segmentation_json, height, width)
+    return out
+
+
+def _sample_members(job: ShardJob, rec: SampleRecord, rejects: list[Reject]) -> tuple[dict[str, bytes], int]:
+    """Tar members of one sample (raises SampleProblem for a bad sample; drops bad annotations)."""
+    image = job.storage.read_bytes(rec.image_uri)
+    info = inspect_image(image, job.decode)
+    check_image_size(info, rec.width, rec.height)
+    width, height = info.width, info.height
+    members: dict[str, bytes] = {info.extension: image}
+    meta: dict = {"key": rec.key, "image_id": rec.image_id, "file_name": rec.file_name,
+                  "width": width, "height": height, "image_member": info.extension}
+    if rec.label_uri is not None:
+        label = job.storage.read_bytes(rec.label_uri)
+        if rec.segments is not None:
+            check_panoptic_png(label, width, height, [s.id for s in rec.segments])
+        else:
+            check_semantic_png(label, width, height, job.num_classes)
+        members["png"] = label
+    annotations = []
+    for a in rec.annotations:
+        try:
+            annotations.append(_annotation_json(a, height, width))
+        except SampleProblem as problem:
+            rejects.append(Reject(rec.key, problem.reason, problem.detail, annotation_id=a.id))
+    if job.task != "semantic":
+        meta["annotations"] = annotations
+    if rec.segments is not None:
+        meta["segments"] = [
+            {"id": s.id, "category_id": s.category_id, "iscrowd": s.iscrowd,
+             "bbox": [s.bbox_xywh[0], s.bbox_xywh[1], s.bbox_xywh[0] + s.bbox_xywh[2],
+                      s.bbox_xywh[1] + s.bbox_xywh[3]], "area": s.area}
+            for s in rec.segments
+        ]
+    members["json"] = json.dumps(meta, separators=(",", ":")).encode()
+    return members, len(annotations) + len(rec.segments or ())
+
+
+def _sidecar_uri(job: ShardJob) -> str:
+    return join(job.output, PARTS_DIR, job.name + ".json")
+
+
+def _reuse(job: ShardJob, digest: str) -> ShardResult | None:
+    """The published shard, if its sidecar matches these inputs and its bytes re-hash correctly."""
+    storage, shard_uri = job.storage, join(job.output, job.name)
+    sidecar_uri = _sidecar_uri(job)
+    if not storage.exists(sidecar_uri):
+        return None
+    side = json.loads(storage.read_bytes(sidecar_uri))
+    info = storage.stat(shard_uri)
+    if side.get("plan_digest") != digest or info is None or info.size != side["bytes"]:
+        return None
+    sha = hashlib.sha256()
+    with storage.open_read(shard_uri) as f:
+        while block := f.read(1 << 22):
+            sha.update(block)
+    if sha.hexdigest() != side["sha256"]:
+        return None
+    return ShardResult(index=job.index, name=job.name, samples=side["samples"], bytes=side["bytes"],
+                       sha256=side["sha256"], annotations=side["annotations"],
+                       rejects=[Reject(**r) for r in side["rejects"]], reused=True)
+
+
+def write_shard(job: ShardJob) -> ShardResult:
+    """Write (or reuse) one shard; per-sample problems become rejects, storage errors propagate."""
+    digest = job.digest()
+    reused = _reuse(job, digest)
+    if reused is not None:
+        return reused
+    rejects: list[Reject] = []
+    samples = annotations = 0
+    with job.storage.open_write(join(job.output, job.name)) as sink:
+        hashing = _HashingWriter(sink)
+        tar = TarWriter(hashing, user="", group="", mode=0o444, encoder=False, mtime=0,
+                        format="PAX_FORMAT")
+        for rec in job.records:
+            try:
+                members, n = _sample_members(job, rec, rejects)
+            except SampleProblem as problem:
+                rejects.append(Reject(rec.key, problem.reason, problem.detail))
+                continue
+            except StorageError as exc:
+                if job.storage.exists(rec.image_uri) and (rec.label_uri is None or job.storage.exists(rec.label_uri)):
+                    raise
+                rejects.append(Reject(rec.key, R.MISSING_FILE, f"file vanished during sharding ({exc})"))
+                continue
+            tar.write({"__key__": rec.key, **members})
+            samples += 1
+            annotations += n
+        tar.close()
+    rejects.sort(key=Reject.sort_key)
+    result = ShardResult(index=job.index, name=job.name, samples=samples, bytes=hashing.size,
+                         sha256=hashing.sha256.hexdigest(), annotations=annotations, rejects=rejects)
+    side = {k: v for k, v in asdict(result).items() if k != "reused"}
+    side["plan_digest"] = digest
+    job.storage.write_bytes(_sidecar_uri(job), json.dumps(side, sort_keys=True).encode())
+    return result

@@ -1,0 +1,156 @@
+"""`maskdino` command line: thin entrypoints (load config -> build -> run -> close).
+
+Problems the user must fix (config, storage, bad source data under --strict) end as one line on
+stderr and exit code 2; bugs keep their traceback."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from pipeline.config import ConfigError, load_config
+
+EXIT_USER_ERROR = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from data_prep.shard import StrictRejectError
+    from data_prep.sources import SourceError
+    from data_prep.storage import StorageError
+
+    return (ConfigError, SourceError, StorageError, StrictRejectError)
+
+
+# ---------------------------------------------------------------- make-synthetic
+def _add_make_synthetic(sub) -> None:
+    p = sub.add_parser("make-synthetic", help="write small synthetic datasets in the raw COCO, COCO panoptic, "
+                                              "ADE20K and Objects365 layouts")
+    p.add_argument("out", help="folder to write into (created)")
+    p.add_argument("--train-images", type=int, default=24)
+    p.add_argument("--val-images", type=int, default=8)
+    p.add_argument("--min-size", type=int, default=160, help="smallest image side (pixels)")
+    p.add_argument("--max-size", type=int, default=320, help="largest image side (pixels)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--formats", default="", help="comma-separated subset of: coco_instances, coco_panoptic, "
+                                                  "ade20k, objects365_v1, objects365_v2 (default: all)")
+    p.set_defaults(run=_run_make_synthetic)
+
+
+def _run_make_synthetic(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from data_prep.synthetic import FORMATS, SyntheticSpec, make_synthetic
+
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) or FORMATS
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ConfigError(f"--formats: unknown {unknown}; allowed: {', '.join(FORMATS)}")
+    spec = SyntheticSpec(train_images=args.train_images, val_images=args.val_images, min_size=args.min_size,
+                         max_size=args.max_size, seed=args.seed, formats=formats)
+    started = time.perf_counter()
+    with tqdm(unit="images", desc="make-synthetic") as bar:
+        summary = make_synthetic(args.out, spec, progress=bar.update)
+    seconds = time.perf_counter() - started
+    print(f"Wrote {summary.images_written:,} images and {summary.annotations_written:,} annotations in "
+          f"{len(summary.formats)} raw layouts ({', '.join(summary.formats)}) under {summary.root} in "
+          f"{seconds:.1f} s, seed {spec.seed}, {spec.train_images} train + {spec.val_images} val images per "
+          f"dataset; shard them with `maskdino shard source.format=... source.root=... output=...`.")
+    return 0
+
+
+# ---------------------------------------------------------------- shard
+def _add_shard(sub) -> None:
+    p = sub.add_parser("shard", help="shard one raw dataset split into WebDataset tars + manifest (Ray)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. source.format=coco_panoptic source.root=/data/coco "
+                        "source.split=val output=s3://bucket/coco/val shard.maxcount=500")
+    p.add_argument("--config", help="YAML config (supports _base_)")
+    p.add_argument("--strict", action="store_true", help="any rejected record is an error (exit 2, no manifest)")
+    p.add_argument("--address", help="Ray cluster address (default: start local Ray)")
+    p.add_argument("--inline", action="store_true", help="run shard tasks in this process instead of Ray")
+    p.set_defaults(run=_run_shard)
+
+
+def _run_shard(args: argparse.Namespace) -> int:
+    from data_prep.shard import shard_dataset
+    from data_prep.shard_config import ShardJobConfig
+
+    overrides = list(args.overrides)
+    if args.strict:
+        overrides.append("validate.strict=true")
+    if args.address:
+        overrides.append(f"executor.address={args.address}")
+    if args.inline:
+        overrides.append("executor.kind=inline")
+    cfg = load_config(ShardJobConfig, args.config, overrides)
+    summary = shard_dataset(cfg)
+    print(summary.paragraph())
+    return 0
+
+
+# ---------------------------------------------------------------- verify-shards
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify-shards", help="re-read every shard of a manifest: checksums, counts, "
+                                             "member adjacency, decodability")
+    p.add_argument("manifest", help="manifest.json path or s3:// URI")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="storage settings, e.g. endpoint_url=http://...")
+    p.set_defaults(run=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from data_prep.manifest import load_manifest
+    from data_prep.storage import Storage, StorageConfig
+    from data_prep.verify import verify_shards
+
+    storage = Storage(load_config(StorageConfig, None, args.overrides))
+    manifest = load_manifest(storage, args.manifest)
+    started = time.perf_counter()
+    with tqdm(total=manifest.counts.samples, unit="samples", desc="verify-shards") as bar:
+        report = verify_shards(storage, args.manifest, on_shard=lambda c: bar.update(c.samples))
+    seconds = time.perf_counter() - started
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    verdict = "all checks passed" if report.ok else f"{len(report.problems)} problems found (listed above)"
+    print(f"Verified {len(report.shards)} shards with {report.samples:,} samples of {manifest.dataset}/"
+          f"{manifest.split} from {args.manifest} in {seconds:.1f} s: sha256, sizes, sample counts, member "
+          f"adjacency and image/label decodability; {verdict}.")
+    return 0 if report.ok else 1
+
+
+SUBCOMMANDS: tuple[Callable, ...] = (_add_make_synthetic, _add_shard, _add_verify)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskdino", description="Mask DINO pipeline: shard, pretrain, "
+                                     "fine-tune, evaluate, register.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except _user_errors() as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
