@@ -3,6 +3,7 @@ inline in this process. Jobs are consumed lazily and at most `max_in_flight` sli
 object store at once, so driver memory does not grow with the number of shards or workers."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 
@@ -21,12 +22,27 @@ def run_jobs(jobs: Iterable[ShardJob], cfg: ExecutorConfig) -> Iterator[ShardRes
     yield from _run_on_ray(jobs, cfg)
 
 
-def _init_ray(cfg: ExecutorConfig) -> bool:
-    """Start or join Ray unless the caller already did; returns whether we must shut it down."""
+@contextlib.contextmanager
+def ray_session(cfg: ExecutorConfig) -> Iterator[None]:
+    """Start or join Ray for the duration of the block unless it is already up (then leave it be)."""
+    if cfg.kind != "ray":
+        yield
+        return
     import ray
 
     if ray.is_initialized():
-        return False
+        yield
+        return
+    _init_ray(cfg)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _init_ray(cfg: ExecutorConfig) -> None:
+    import ray
+
     if cfg.address:
         import data_prep
 
@@ -35,14 +51,12 @@ def _init_ray(cfg: ExecutorConfig) -> bool:
     else:
         ray.init(num_cpus=cfg.num_cpus or None, object_store_memory=cfg.object_store_bytes,
                  include_dashboard=False, logging_level=logging.WARNING)
-    return True
 
 
 def _run_on_ray(jobs: Iterable[ShardJob], cfg: ExecutorConfig) -> Iterator[ShardResult]:
     import ray
 
-    owns_ray = _init_ray(cfg)
-    try:
+    with ray_session(cfg):
         # Shard tasks are idempotent (a rerun rewrites the same bytes), so a worker lost mid-task
         # is safely retried by Ray; application errors (storage failures) are not retried here.
         remote_write = ray.remote(num_cpus=1, max_retries=3)(write_shard)
@@ -56,6 +70,3 @@ def _run_on_ray(jobs: Iterable[ShardJob], cfg: ExecutorConfig) -> Iterator[Shard
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             yield ray.get(done[0])
-    finally:
-        if owns_ray:
-            ray.shutdown()

@@ -71,12 +71,18 @@ def _add_shard(sub) -> None:
     p.add_argument("--strict", action="store_true", help="any rejected record is an error (exit 2, no manifest)")
     p.add_argument("--address", help="Ray cluster address (default: start local Ray)")
     p.add_argument("--inline", action="store_true", help="run shard tasks in this process instead of Ray")
+    p.add_argument("--splits", default="", help="comma-separated splits to shard in one Ray session, each into "
+                                                "OUTPUT/SPLIT (default: the single source.split into OUTPUT)")
     p.set_defaults(run=_run_shard)
 
 
 def _run_shard(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from data_prep.fanout import ray_session
     from data_prep.shard import shard_dataset
     from data_prep.shard_config import ShardJobConfig
+    from data_prep.storage import join
 
     overrides = list(args.overrides)
     if args.strict:
@@ -86,8 +92,11 @@ def _run_shard(args: argparse.Namespace) -> int:
     if args.inline:
         overrides.append("executor.kind=inline")
     cfg = load_config(ShardJobConfig, args.config, overrides)
-    summary = shard_dataset(cfg)
-    print(summary.paragraph())
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    configs = [replace(cfg, source=replace(cfg.source, split=s), output=join(cfg.output, s)) for s in splits]
+    with ray_session(cfg.executor):  # one Ray start for all splits
+        for split_cfg in configs or [cfg]:
+            print(shard_dataset(split_cfg).paragraph())
     return 0
 
 
