@@ -1,0 +1,44 @@
+"""DESIGN.md section 1: who may import whom, checked by parsing imports."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = {"data_prep", "model", "pipeline", "orchestration", "csrc"}
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / package).rglob("*.py"):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_data_prep_imports_nothing_of_ours_but_itself():
+    for path, names in _imports("data_prep").items():
+        assert not (names & (OURS - {"data_prep"})), f"{path} imports {names & OURS}"
+
+
+def test_data_prep_needs_no_training_stack():
+    """Sharding runs on CPU-only data nodes: no torch, deepspeed or mlflow in data_prep."""
+    for path, names in _imports("data_prep").items():
+        assert not (names & {"torch", "torchvision", "deepspeed", "mlflow", "timm"}), path
+
+
+def test_cli_help_lists_every_subcommand(capsys):
+    import pytest
+
+    from pipeline.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for command in ("make-synthetic", "shard", "verify-shards"):
+        assert command in out
