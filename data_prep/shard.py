@@ -97,7 +97,7 @@ def shard_dataset(cfg: ShardJobConfig) -> ShardSummary:
     plan, jobs = _jobs(index, cfg, storage)
     results: list[ShardResult] = []
     with tqdm(total=len(index), unit="samples", desc=f"shard {index.dataset}/{index.split}",
-              disable=not cfg.progress, dynamic_ncols=True) as bar:
+              disable=None if cfg.progress else True, dynamic_ncols=True) as bar:  # None: only on a TTY
         for result in run_jobs(jobs, cfg.executor):
             results.append(result)
             bar.update(plan[result.index].stop - plan[result.index].start)

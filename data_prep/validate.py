@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -92,13 +93,22 @@ def to_compressed_rle(segmentation_json: str, height: int, width: int) -> dict:
         parts = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
         if not parts:
             raise SampleProblem(R.INVALID_SEGMENTATION, "polygon has no part with 3 or more points")
+        _check_polygon(parts, height, width)
         rle = mask_utils.merge(mask_utils.frPyObjects(parts, height, width))
     elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        size = seg["size"]
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_number(v) for v in size)):
+            raise SampleProblem(R.INVALID_SEGMENTATION, f"RLE size {size!r} is not [height, width]")
         if list(seg["size"]) != [height, width]:
             raise SampleProblem(R.INVALID_SEGMENTATION,
                                 f"RLE size {list(seg['size'])} differs from the image's [{height}, {width}]")
         if isinstance(seg["counts"], str):
             return {"size": [height, width], "counts": seg["counts"]}
+        counts = seg["counts"]
+        if not (isinstance(counts, list) and all(_is_number(c) and c >= 0 and float(c).is_integer()
+                                                 for c in counts)):
+            raise SampleProblem(R.INVALID_SEGMENTATION,
+                                "uncompressed RLE counts are not a list of non-negative integers")
         if sum(seg["counts"]) != height * width:
             raise SampleProblem(R.INVALID_SEGMENTATION,
                                 f"uncompressed RLE covers {sum(seg['counts'])} pixels, not {height * width}")
@@ -107,6 +117,23 @@ def to_compressed_rle(segmentation_json: str, height: int, width: int) -> dict:
         raise SampleProblem(R.INVALID_SEGMENTATION, "segmentation is neither polygons nor RLE")
     counts = rle["counts"]
     return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_polygon(parts: list[list], height: int, width: int) -> None:
+    """Finite numbers, at most one image size outside the image: pycocotools rasterises every edge
+    point by point, so a NaN or huge coordinate would allocate gigabytes (or crash) in C."""
+    for part in parts:
+        if not all(_is_number(v) for v in part):
+            raise SampleProblem(R.INVALID_SEGMENTATION, "polygon has a coordinate that is not a finite number")
+        xs, ys = np.asarray(part[0::2], dtype=np.float64), np.asarray(part[1::2], dtype=np.float64)
+        if xs.min() < -width or xs.max() > 2 * width or ys.min() < -height or ys.max() > 2 * height:
+            raise SampleProblem(R.INVALID_SEGMENTATION,
+                                f"polygon reaches ({xs.max():g}, {ys.max():g}) / ({xs.min():g}, {ys.min():g}), "
+                                f"far outside the {width}x{height} image")
 
 
 def _decode_label(data: bytes, what: str) -> Image.Image:

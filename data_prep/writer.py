@@ -147,6 +147,27 @@ def _reuse(job: ShardJob, digest: str) -> ShardResult | None:
                        rejects=[Reject(**r) for r in side["rejects"]], reused=True)
 
 
+def _write_records(job: ShardJob, tar: TarWriter, rejects: list[Reject]) -> tuple[int, int]:
+    """Samples and annotations written; bad samples and annotations go to `rejects`."""
+    samples = annotations = 0
+    for rec in job.records:
+        try:
+            members, n = _sample_members(job, rec, rejects)
+        except SampleProblem as problem:
+            rejects.append(Reject(rec.key, problem.reason, problem.detail))
+            continue
+        except StorageError as exc:
+            # A file listed at planning time and gone now is data; any other storage failure is not.
+            if job.storage.exists(rec.image_uri) and (rec.label_uri is None or job.storage.exists(rec.label_uri)):
+                raise
+            rejects.append(Reject(rec.key, R.MISSING_FILE, f"file vanished during sharding ({exc})"))
+            continue
+        tar.write({"__key__": rec.key, **members})
+        samples += 1
+        annotations += n
+    return samples, annotations
+
+
 def write_shard(job: ShardJob) -> ShardResult:
     """Write (or reuse) one shard; per-sample problems become rejects, storage errors propagate."""
     digest = job.digest()
@@ -154,26 +175,14 @@ def write_shard(job: ShardJob) -> ShardResult:
     if reused is not None:
         return reused
     rejects: list[Reject] = []
-    samples = annotations = 0
     with job.storage.open_write(join(job.output, job.name)) as sink:
         hashing = _HashingWriter(sink)
         tar = TarWriter(hashing, user="", group="", mode=0o444, encoder=False, mtime=0,
                         format="PAX_FORMAT")
-        for rec in job.records:
-            try:
-                members, n = _sample_members(job, rec, rejects)
-            except SampleProblem as problem:
-                rejects.append(Reject(rec.key, problem.reason, problem.detail))
-                continue
-            except StorageError as exc:
-                if job.storage.exists(rec.image_uri) and (rec.label_uri is None or job.storage.exists(rec.label_uri)):
-                    raise
-                rejects.append(Reject(rec.key, R.MISSING_FILE, f"file vanished during sharding ({exc})"))
-                continue
-            tar.write({"__key__": rec.key, **members})
-            samples += 1
-            annotations += n
-        tar.close()
+        try:
+            samples, annotations = _write_records(job, tar, rejects)
+        finally:
+            tar.close()  # on an error the sink is discarded by open_write; closing keeps tarfile quiet
     rejects.sort(key=Reject.sort_key)
     result = ShardResult(index=job.index, name=job.name, samples=samples, bytes=hashing.size,
                          sha256=hashing.sha256.hexdigest(), annotations=annotations, rejects=rejects)

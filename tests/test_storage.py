@@ -12,7 +12,7 @@ import pytest
 
 from data_prep import storage as storage_mod
 from data_prep.storage import ObjectInfo, Storage, StorageConfig, StorageError, is_s3, join, parse_s3
-from tests.s3_fixtures import TEST_REGION, FaultProxy, create_bucket, make_storage
+from tests.s3_fixtures import TEST_REGION, create_bucket, make_storage
 
 MiB = 2**20
 

@@ -12,6 +12,7 @@ import array
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -65,12 +66,63 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+# A JSON string, a bare non-finite constant (what Python's json.dump writes for nan/inf), or the
+# opening quote of a string that continues past the buffer.
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|-?Infinity|NaN|"')
+_LONGEST_CONSTANT = len(b"-Infinity")
+
+
+class _NonFiniteAsNull:
+    """File wrapper that turns bare NaN / Infinity / -Infinity (outside strings) into `null`, which
+    the readers below treat as a malformed value (a NaN box -> degenerate_box), not a broken file."""
+
+    def __init__(self, f) -> None:
+        self._f, self._carry, self._eof = f, b"", False
+
+    def read(self, size: int = -1) -> bytes:
+        if size == 0:  # ijson probes read(0) for bytes vs str
+            return b""
+        while not self._eof:
+            block = self._f.read(max(size, 1 << 16))
+            self._eof = not block
+            buf = self._carry + block
+            limit = len(buf) if self._eof else len(buf) - _LONGEST_CONSTANT
+            out, pos, stop = [], 0, None
+            for m in _TOKEN.finditer(buf):
+                token = m.group()
+                if not self._eof and (token == b'"' or m.end() > limit):
+                    stop = m.start()  # incomplete string or constant: wait for more bytes
+                    break
+                out += [buf[pos:m.start()], b"null" if token[:1] != b'"' else token]
+                pos = m.end()
+            stop = max(pos, limit) if stop is None else stop
+            out.append(buf[pos:stop])
+            self._carry = buf[stop:]
+            data = b"".join(out)
+            if data:
+                return data
+        data, self._carry = self._carry, b""
+        return data
+
+
 def _items(path: str, prefix: str) -> Iterator[Any]:
+    yielded = 0
     try:
         with open(path, "rb") as f:
-            yield from ijson.items(f, prefix, use_float=True)
+            for item in ijson.items(f, prefix, use_float=True):
+                yield item
+                yielded += 1
+        return
+    except ijson.JSONError:
+        pass  # yajl rejects NaN/Infinity; read again with them as null, skipping what was yielded
+    try:
+        with open(path, "rb") as f:
+            for i, item in enumerate(ijson.items(_NonFiniteAsNull(f), prefix, use_float=True)):
+                if i >= yielded:
+                    yield item
     except ijson.JSONError as exc:
-        raise SourceError(f"{path} is not valid JSON ({exc}); re-download or fix the file") from exc
+        reason = " ".join(str(exc).split())[:160]  # yajl's message spans lines and quotes the text
+        raise SourceError(f"{path} is not valid JSON ({reason}); re-download or fix the file") from exc
 
 
 def parse_categories(path: str, default_isthing: bool = True) -> list[Category]:

@@ -14,7 +14,7 @@ from data_prep import records as R
 from data_prep.records import Reject, SampleRecord, SegmentRecord
 from data_prep.shard_config import SourceConfig
 from data_prep.sources.box_rules import box_text, check_boxes
-from data_prep.sources.coco_json import _items, file_sha256, parse_categories, parse_images
+from data_prep.sources.coco_json import _as_bbox, _as_int, _items, file_sha256, parse_categories, parse_images
 from data_prep.sources.coco_style import select_images
 from data_prep.sources.coco_style_build import list_folder, local_copy
 from data_prep.sources.index import (
@@ -32,6 +32,18 @@ from data_prep.storage import Storage, join
 class PanopticEntry:
     png_name: str
     segments: tuple[SegmentRecord, ...]
+    problem: str | None = None  # a malformed segments_info entry: the sample is rejected
+
+
+def _segment(s: object) -> SegmentRecord | None:
+    """One segments_info entry; None when it lacks an integer id/category_id (malformed values in
+    bbox become NaN, rejected as degenerate_box like every other box)."""
+    if not isinstance(s, dict) or _as_int(s.get("id")) < 0 or _as_int(s.get("category_id")) < 0:
+        return None
+    area = s.get("area", 0)
+    return SegmentRecord(id=_as_int(s["id"]), category_id=_as_int(s["category_id"]),
+                         iscrowd=1 if s.get("iscrowd") else 0, bbox_xywh=_as_bbox(s.get("bbox")),
+                         area=int(area) if isinstance(area, (int, float)) and area == area else 0)
 
 
 class PanopticIndex(SourceIndex):
@@ -47,24 +59,29 @@ def _parse_entries(path: str) -> tuple[dict[int, PanopticEntry], list[Reject]]:
     entries: dict[int, PanopticEntry] = {}
     rejects: list[Reject] = []
     for a in _items(path, "annotations.item"):
-        image_id = int(a["image_id"])
-        segments = tuple(
-            SegmentRecord(id=int(s["id"]), category_id=int(s["category_id"]), iscrowd=int(s.get("iscrowd", 0)),
-                          bbox_xywh=tuple(float(v) for v in s.get("bbox", (np.nan,) * 4)),
-                          area=int(s.get("area", 0)))
-            for s in a.get("segments_info", [])
-        )
+        image_id = _as_int(a.get("image_id")) if isinstance(a, dict) else -1
+        if image_id < 0 or not isinstance(a.get("file_name"), str):
+            rejects.append(Reject(image_key(image_id), R.INVALID_ANNOTATION,
+                                  "panoptic annotation lacks an integer 'image_id' or a 'file_name'"))
+            continue
+        raw_segments = a.get("segments_info", [])
+        parsed = [_segment(s) for s in raw_segments] if isinstance(raw_segments, list) else [None]
+        segments = tuple(s for s in parsed if s is not None)
+        problem = (None if None not in parsed else
+                   "a segments_info entry lacks an integer 'id' or 'category_id'")
         if image_id in entries:
             rejects.append(Reject(image_key(image_id), R.DUPLICATE_IMAGE,
                                   "image has more than one panoptic annotation; the first is kept"))
             continue
-        entries[image_id] = PanopticEntry(png_name=str(a["file_name"]), segments=segments)
+        entries[image_id] = PanopticEntry(png_name=a["file_name"], segments=segments, problem=problem)
     return entries, rejects
 
 
 def _check_segments(key: str, entry: PanopticEntry, width: int, height: int, cat_ids: set[int]
                     ) -> tuple[tuple[SegmentRecord, ...] | None, Reject | None, int]:
     """Clipped segments, or a Reject for the whole sample; also how many boxes were clipped."""
+    if entry.problem is not None:
+        return None, Reject(key, R.INVALID_ANNOTATION, entry.problem), 0
     segs = entry.segments
     for s in segs:
         if s.category_id not in cat_ids:
