@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import logging
 import math
 import re
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ import ijson
 import numpy as np
 
 from data_prep.records import Category
+
+log = logging.getLogger(__name__)
 
 
 class SourceError(RuntimeError):
@@ -113,8 +116,10 @@ def _items(path: str, prefix: str) -> Iterator[Any]:
                 yield item
                 yielded += 1
         return
-    except ijson.JSONError:
-        pass  # yajl rejects NaN/Infinity; read again with them as null, skipping what was yielded
+    except ijson.JSONError as exc:
+        # yajl rejects NaN/Infinity (what Python's json.dump writes for non-finite floats): read
+        # again with them as null, skipping what was yielded; a really broken file fails below.
+        log.debug("%s: %s; re-reading with NaN/Infinity as null", path, " ".join(str(exc).split())[:120])
     try:
         with open(path, "rb") as f:
             for i, item in enumerate(ijson.items(_NonFiniteAsNull(f), prefix, use_float=True)):
