@@ -59,19 +59,57 @@ def _ends_cleanly(fmt: str, data: bytes) -> bool:
     return False
 
 
+# Start-of-frame markers that carry the image size (not DHT C4, JPG C8, DAC CC).
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _fast_header(data: bytes) -> tuple[str, int, int] | None:
+    """(format, width, height) read straight from a JPEG SOF segment or the PNG IHDR chunk, or None
+    to let PIL decide. PIL's open parses every table of the header: ~35 us an image, a fifth of a
+    shard task's CPU for Objects365-sized JPEGs; this walk costs a few us."""
+    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        return ("PNG", width, height) if width and height else None
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos, end = 2, len(data)
+    while pos + 4 <= end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:  # start of scan before any frame header: let PIL judge
+            return None
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in _JPEG_SOF:
+            if pos + 9 > end:
+                return None
+            height, width = int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
+            return ("JPEG", width, height) if width and height else None
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def _pil_header(data: bytes) -> tuple[str, int, int]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            return img.format or "", img.size[0], img.size[1]
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise SampleProblem(R.UNDECODABLE_IMAGE, f"not a readable image ({exc})") from exc
+
+
 def inspect_image(data: bytes, decode: str = "header") -> ImageInfo:
     """Format and size from the header; `decode="header"` also requires the end-of-image marker
     (JPEG EOI / PNG IEND) and fully decodes only files that lack it, to tell a truncated file from
     one with trailing bytes; `decode="full"` decodes every image."""
     if not data:
         raise SampleProblem(R.TRUNCATED_IMAGE, "image file is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            fmt, (width, height) = img.format or "", img.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise SampleProblem(R.UNDECODABLE_IMAGE, f"not a readable image ({exc})") from exc
+    fmt, width, height = _fast_header(data) or _pil_header(data)
     if decode == "full" or not _ends_cleanly(fmt, data):
         _decode_fully(data)
     return ImageInfo(format=fmt, width=width, height=height,

@@ -42,3 +42,15 @@ def test_cli_help_lists_every_subcommand(capsys):
     out = capsys.readouterr().out
     for command in ("make-synthetic", "shard", "verify-shards"):
         assert command in out
+
+
+def test_sharding_does_not_import_torch():
+    """Every Ray shard worker imports the writer: webdataset (which imports torch) would cost each
+    one ~0.5 GB and seconds of start-up."""
+    import subprocess
+    import sys
+
+    code = ("import sys, data_prep.shard, data_prep.verify, data_prep.writer, data_prep.fanout; "
+            "print(sorted(m for m in ('torch', 'webdataset', 'mlflow', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

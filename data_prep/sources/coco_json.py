@@ -1,10 +1,11 @@
 """Streaming, compact parsing of COCO-style annotation files (COCO, Objects365).
 
-The full Objects365 train file has ~25M boxes; `json.load` would need tens of GB. We stream each
-top-level list with ijson (C backend) and append into typed `array.array` columns, so the driver
-holds ~60 bytes per box instead of ~1 KB of Python dicts. Each list is a separate pass over the
-local file: ijson's C parser skips the other sections quickly, which measured faster than feeding
-one read to several parser coroutines.
+The full Objects365 train file has ~25M boxes; `json.load` would need tens of GB. Large files are
+streamed one top-level list at a time with ijson (C backend) and appended into typed `array.array`
+columns, so the driver holds ~60 bytes per box instead of ~1 KB of Python dicts. Each list is a
+separate pass over the local file: ijson's C parser skips the other sections quickly, which measured
+faster than feeding one read to several parser coroutines. Small files (COCO val, tests, demos)
+take one `json.load` instead: three streaming passes would cost more than the whole shard step.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,7 +110,36 @@ class _NonFiniteAsNull:
         return data
 
 
-def _items(path: str, prefix: str) -> Iterator[Any]:
+# Files up to this size are parsed with one `json.load` (a single C pass, ~10x the file in memory);
+# larger ones are streamed section by section so memory stays ~60 bytes per box.
+SMALL_FILE_BYTES = 32 << 20
+
+
+class AnnotationFile:
+    """A COCO-style JSON file whose top-level lists (`images`, `annotations`, `categories`) are
+    read one at a time: from one `json.load` for small files, by streaming for large ones."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._doc: Any = None
+        if os.path.getsize(path) <= SMALL_FILE_BYTES:
+            try:
+                with open(path, "rb") as f:
+                    self._doc = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise SourceError(f"{path} is not valid JSON ({exc}); re-download or fix the file") from exc
+            if not isinstance(self._doc, dict):
+                raise SourceError(f"{path} is not a JSON object; is this a COCO-style annotation file?")
+
+    def items(self, section: str) -> Iterator[Any]:
+        if self._doc is None:
+            yield from _stream_items(self.path, f"{section}.item")
+            return
+        value = self._doc.get(section, [])
+        yield from value if isinstance(value, list) else []
+
+
+def _stream_items(path: str, prefix: str) -> Iterator[Any]:
     yielded = 0
     try:
         with open(path, "rb") as f:
@@ -130,11 +161,12 @@ def _items(path: str, prefix: str) -> Iterator[Any]:
         raise SourceError(f"{path} is not valid JSON ({reason}); re-download or fix the file") from exc
 
 
-def parse_categories(path: str, default_isthing: bool = True) -> list[Category]:
+def parse_categories(source: AnnotationFile, default_isthing: bool = True) -> list[Category]:
     """Categories sorted by id (Objects365 lists them unsorted; ids, never names, are the key)."""
+    path = source.path
     cats = []
     seen: set[int] = set()
-    for c in _items(path, "categories.item"):
+    for c in source.items("categories"):
         try:
             cid, name = int(c["id"]), str(c["name"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -148,17 +180,17 @@ def parse_categories(path: str, default_isthing: bool = True) -> list[Category]:
     return sorted(cats, key=lambda c: c.id)
 
 
-def parse_images(path: str) -> ImageTable:
+def parse_images(source: AnnotationFile) -> ImageTable:
     ids, widths, heights = array.array("q"), array.array("q"), array.array("q")
     names: list[str] = []
-    for im in _items(path, "images.item"):
+    for im in source.items("images"):
         try:
             ids.append(int(im["id"]))
             names.append(str(im["file_name"]))
             widths.append(int(im.get("width") or 0))
             heights.append(int(im.get("height") or 0))
         except (KeyError, TypeError, ValueError) as exc:
-            raise SourceError(f"{path}: image entry {im!r} lacks an integer 'id' or a 'file_name'") from exc
+            raise SourceError(f"{source.path}: image entry {im!r} lacks an integer 'id' or a 'file_name'") from exc
     return ImageTable(
         ids=np.frombuffer(ids, dtype=np.int64),
         file_names=names,
@@ -187,12 +219,12 @@ def _as_bbox(value: Any) -> tuple[float, float, float, float]:
     return (math.nan, math.nan, math.nan, math.nan)
 
 
-def parse_annotations(path: str, with_segmentation: bool) -> AnnotationTable:
+def parse_annotations(source: AnnotationFile, with_segmentation: bool) -> AnnotationTable:
     """Columns of the `annotations` list; malformed fields become -1 / NaN and are rejected later."""
     ids, image_ids, category_ids = array.array("q"), array.array("q"), array.array("q")
     bboxes, areas, crowd = array.array("d"), array.array("d"), array.array("B")
     segmentations: list[str | None] | None = [] if with_segmentation else None
-    for a in _items(path, "annotations.item"):
+    for a in source.items("annotations"):
         ids.append(_as_int(a.get("id")))
         image_ids.append(_as_int(a.get("image_id")))
         category_ids.append(_as_int(a.get("category_id")))

@@ -14,7 +14,14 @@ from data_prep import records as R
 from data_prep.records import Reject, SampleRecord, SegmentRecord
 from data_prep.shard_config import SourceConfig
 from data_prep.sources.box_rules import box_text, check_boxes
-from data_prep.sources.coco_json import _as_bbox, _as_int, _items, file_sha256, parse_categories, parse_images
+from data_prep.sources.coco_json import (
+    AnnotationFile,
+    _as_bbox,
+    _as_int,
+    file_sha256,
+    parse_categories,
+    parse_images,
+)
 from data_prep.sources.coco_style import select_images
 from data_prep.sources.coco_style_build import list_folder, local_copy
 from data_prep.sources.index import (
@@ -55,10 +62,10 @@ class PanopticIndex(SourceIndex):
         return self._samples[start:stop]
 
 
-def _parse_entries(path: str) -> tuple[dict[int, PanopticEntry], list[Reject]]:
+def _parse_entries(source: AnnotationFile) -> tuple[dict[int, PanopticEntry], list[Reject]]:
     entries: dict[int, PanopticEntry] = {}
     rejects: list[Reject] = []
-    for a in _items(path, "annotations.item"):
+    for a in source.items("annotations"):
         image_id = _as_int(a.get("image_id")) if isinstance(a, dict) else -1
         if image_id < 0 or not isinstance(a.get("file_name"), str):
             rejects.append(Reject(image_key(image_id), R.INVALID_ANNOTATION,
@@ -111,13 +118,14 @@ def build(cfg: SourceConfig, storage: Storage, workdir: str) -> PanopticIndex:
     images_dir = cfg.images or join(cfg.root, f"{cfg.split}2017")
     labels_dir = cfg.labels or join(cfg.root, "annotations", f"panoptic_{cfg.split}2017")
     path = local_copy(storage, annotation, workdir)
-    categories = parse_categories(path)
+    source = AnnotationFile(path)
+    categories = parse_categories(source)
     cat_ids = {c.id for c in categories}
     image_listing = list_folder(storage, images_dir, "image", "source.images")
     label_listing = list_folder(storage, labels_dir, "panoptic PNG", "source.labels")
-    images = parse_images(path)
+    images = parse_images(source)
     selection = select_images(images, image_listing, lambda name: name)
-    entries, rejects = _parse_entries(path)
+    entries, rejects = _parse_entries(source)
     rejects = selection.rejects + rejects
     known_ids = set(int(i) for i in images.ids)
     for image_id in sorted(set(entries) - known_ids):

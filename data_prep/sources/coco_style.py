@@ -87,19 +87,55 @@ class AnnotationSelection:
     boxes_clipped: int
 
 
+# Rows per vectorised step: bounds numpy temporaries to a few tens of MB however large the split
+# (the full Objects365 train set has ~25M boxes; see benchmarks/annotation_memory.py).
+_CHUNK = 1 << 16
+
+
+def _chunks(n: int):
+    for lo in range(0, n, _CHUNK):
+        yield slice(lo, min(n, lo + _CHUNK))
+
+
+def _index_dtype(n: int) -> type:
+    return np.int32 if n < 2**31 - 1 else np.int64
+
+
+def _positions(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """For each value, its position in `keys` (unique, any order), or -1. (N,) int32/int64."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    out = np.full(len(values), -1, dtype=_index_dtype(len(keys)))
+    if len(keys) == 0:
+        return out
+    for sl in _chunks(len(values)):
+        pos = np.minimum(np.searchsorted(sorted_keys, values[sl]), len(keys) - 1)
+        hit = sorted_keys[pos] == values[sl]
+        out[sl][hit] = order[pos[hit]]
+    return out
+
+
+def _member_of(values: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """(N,) bool: values[i] in members; chunked so no N-sized sort is made."""
+    members = np.unique(members)
+    out = np.zeros(len(values), dtype=bool)
+    if len(members) == 0:
+        return out
+    for sl in _chunks(len(values)):
+        pos = np.minimum(np.searchsorted(members, values[sl]), len(members) - 1)
+        out[sl] = members[pos] == values[sl]
+    return out
+
+
 def select_annotations(
     anns: AnnotationTable, images: ImageTable, selection: ImageSelection, categories: list[Category],
     dropped_image_ids: np.ndarray,
 ) -> AnnotationSelection:
-    n = len(anns)
+    """Validate every row; boxes of kept rows are clipped IN PLACE in `anns.bboxes` (a second
+    (N, 4) array would cost 32 bytes per box), after the rejects that quote raw boxes are made."""
     rejects: list[Reject] = []
-    kept_ids = images.ids[selection.rows]
-    id_order = np.argsort(kept_ids, kind="stable")
-    sorted_ids = kept_ids[id_order]
-    pos = np.searchsorted(sorted_ids, anns.image_ids)
-    pos_clamped = np.minimum(pos, max(len(sorted_ids) - 1, 0))
-    found = (len(sorted_ids) > 0) & (sorted_ids[pos_clamped] == anns.image_ids) if n else np.zeros(0, bool)
-    sample_pos = np.where(found, id_order[pos_clamped] if len(id_order) else 0, -1)
+    sample_pos = _positions(anns.image_ids, images.ids[selection.rows])
+    found = sample_pos >= 0
     alive = found.copy()
 
     def reject_rows(mask: np.ndarray, reason: str, detail: Callable[[int], str]) -> None:
@@ -109,48 +145,68 @@ def select_annotations(
         alive[mask] = False
 
     # Annotations of images dropped for a reason already reported go silently with their image.
-    on_dropped = ~found & np.isin(anns.image_ids, dropped_image_ids)
-    reject_rows(~found & ~on_dropped, R.UNKNOWN_IMAGE,
-                lambda r: f"image_id {int(anns.image_ids[r])} is not in the 'images' list")
+    lost = np.flatnonzero(~found)
+    unknown = np.zeros(len(anns), dtype=bool)
+    unknown[lost[~_member_of(anns.image_ids[lost], dropped_image_ids)]] = True
+    reject_rows(unknown, R.UNKNOWN_IMAGE, lambda r: f"image_id {int(anns.image_ids[r])} is not in the 'images' list")
     reject_rows(alive & ((anns.ids < 0) | (anns.category_ids < 0)), R.INVALID_ANNOTATION,
                 lambda r: "annotation lacks an integer 'id' or 'category_id'")
-    cat_ids = np.array(sorted(c.id for c in categories), dtype=np.int64)
-    reject_rows(alive & ~np.isin(anns.category_ids, cat_ids), R.UNKNOWN_CATEGORY,
+    cat_ids = np.array([c.id for c in categories], dtype=np.int64)
+    reject_rows(alive & ~_member_of(anns.category_ids, cat_ids), R.UNKNOWN_CATEGORY,
                 lambda r: f"category_id {int(anns.category_ids[r])} is not in the category list")
     _reject_duplicate_ids(anns, alive, reject_rows)
+    boxes_clipped = _check_and_clip_boxes(anns, images, selection, sample_pos, alive, reject_rows)
 
-    rows_img = selection.rows[np.maximum(sample_pos, 0)] if n else np.zeros(0, np.int64)
-    check = check_boxes(anns.bboxes, images.widths[rows_img], images.heights[rows_img])
-    reject_rows(alive & check.degenerate, R.DEGENERATE_BOX,
+    kept = np.flatnonzero(alive).astype(sample_pos.dtype)
+    kept_pos = sample_pos[kept]
+    del sample_pos, found
+    order = kept[np.argsort(kept_pos, kind="stable")]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(kept_pos, minlength=len(selection.rows)))]).astype(np.int64)
+    return AnnotationSelection(order=order, offsets=offsets, clipped_xywh=anns.bboxes, rejects=rejects,
+                               boxes_clipped=boxes_clipped)
+
+
+def _check_and_clip_boxes(anns: AnnotationTable, images: ImageTable, selection: ImageSelection,
+                          sample_pos: np.ndarray, alive: np.ndarray, reject_rows) -> int:
+    """Reject degenerate/outside boxes, then clip the kept ones in place; returns how many were clipped."""
+    n = len(anns)
+    degenerate, outside, was_clipped = (np.zeros(n, dtype=bool) for _ in range(3))
+    image_rows = lambda sl: selection.rows[np.maximum(sample_pos[sl], 0)]  # noqa: E731
+    for sl in _chunks(n):
+        rows = image_rows(sl)
+        check = check_boxes(anns.bboxes[sl], images.widths[rows], images.heights[rows])
+        degenerate[sl], outside[sl], was_clipped[sl] = check.degenerate, check.outside, check.was_clipped
+    degenerate &= alive
+    outside &= alive
+    reject_rows(degenerate, R.DEGENERATE_BOX,
                 lambda r: f"bbox {box_text(anns.bboxes[r])} is not finite or has non-positive size")
-    reject_rows(alive & check.outside, R.BOX_OUTSIDE_IMAGE,
-                lambda r: f"bbox {box_text(anns.bboxes[r])} lies outside the "
-                          f"{int(images.widths[rows_img[r]])}x{int(images.heights[rows_img[r]])} image")
-    kept = np.flatnonzero(alive)
-    order = kept[np.argsort(sample_pos[kept], kind="stable")]
-    counts = np.bincount(sample_pos[kept], minlength=len(selection.rows))
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return AnnotationSelection(order=order, offsets=offsets, clipped_xywh=check.clipped, rejects=rejects,
-                               boxes_clipped=int(np.count_nonzero(alive & check.was_clipped)))
+    reject_rows(outside, R.BOX_OUTSIDE_IMAGE,
+                lambda r: f"bbox {box_text(anns.bboxes[r])} lies outside the {int(images.widths[image_rows(r)])}"
+                          f"x{int(images.heights[image_rows(r)])} image")
+    was_clipped &= alive
+    for sl in _chunks(n):
+        rows = image_rows(sl)
+        clip = was_clipped[sl]
+        if clip.any():
+            clipped = check_boxes(anns.bboxes[sl][clip], images.widths[rows][clip], images.heights[rows][clip]).clipped
+            anns.bboxes[sl][clip] = clipped
+    return int(np.count_nonzero(was_clipped))
 
 
 def _reject_duplicate_ids(anns: AnnotationTable, alive: np.ndarray, reject_rows) -> None:
     """Identical repeated rows keep their first copy; an id shared by different rows is ambiguous:
     every row carrying it is rejected (we cannot tell which one is right)."""
-    live = np.flatnonzero(alive)
-    if len(live) < 2:
+    ids = anns.ids[alive]
+    ids.sort()
+    dup_ids = np.unique(ids[1:][ids[1:] == ids[:-1]])
+    del ids
+    if len(dup_ids) == 0:
         return
-    ids = anns.ids[live]
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    dup_start = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
-    if len(dup_start) == 0:
-        return
+    rows_with_dup = np.flatnonzero(alive & _member_of(anns.ids, dup_ids))
     repeated = np.zeros(len(anns), dtype=bool)
     conflicting = np.zeros(len(anns), dtype=bool)
-    for dup_id in np.unique(sorted_ids[dup_start + 1]):
-        lo, hi = np.searchsorted(sorted_ids, dup_id, "left"), np.searchsorted(sorted_ids, dup_id, "right")
-        rows = np.sort(live[order[lo:hi]])
+    for dup_id in dup_ids:
+        rows = rows_with_dup[anns.ids[rows_with_dup] == dup_id]
         if _rows_identical(anns, rows):
             repeated[rows[1:]] = True
         else:

@@ -8,6 +8,7 @@ import numpy as np
 
 from data_prep.records import Category
 from data_prep.sources.coco_json import (
+    AnnotationFile,
     SourceError,
     file_sha256,
     parse_annotations,
@@ -42,11 +43,13 @@ def build_coco_style(
     categories: list[Category] | None = None,
 ) -> CocoStyleIndex:
     path = local_copy(storage, annotation, workdir)
-    cats = categories or parse_categories(path)
+    source = AnnotationFile(path)
+    cats = categories or parse_categories(source)
     listing = list_folder(storage, images_dir, "image", "source.images")
-    images = parse_images(path)
+    images = parse_images(source)
     selection = select_images(images, listing, rel_path_of)
-    anns = parse_annotations(path, with_segmentation=with_segmentation)
+    anns = parse_annotations(source, with_segmentation=with_segmentation)
+    del source  # a small file's parsed document is no longer needed
     dropped = np.setdiff1d(images.ids, images.ids[selection.rows])
     ann_selection = select_annotations(anns, images, selection, cats, dropped)
     return CocoStyleIndex(
