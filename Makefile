@@ -31,6 +31,7 @@ demo: $(STAMP)
 	$(MASKDINO) shard --config configs/data/demo_ade20k.yaml --splits train,val source.root=$(DEMO)/raw/ADEChallengeData2016 output=$(DEMO)/shards/ade20k
 	$(MASKDINO) shard --config configs/data/demo_objects365_v2.yaml --splits train,val source.root=$(DEMO)/raw/objects365_v2 output=$(DEMO)/shards/objects365_v2
 	for m in $(DEMO)/shards/*/*/manifest.json; do $(MASKDINO) verify-shards $$m || exit 1; done
+	@echo "Demo done: raw synthetic datasets in $(DEMO)/raw, WebDataset shards with manifests and rejects in $(DEMO)/shards/<dataset>/<split>."
 
 clean-demo:
 	rm -rf $(DEMO)

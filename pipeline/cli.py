@@ -51,7 +51,7 @@ def _run_make_synthetic(args: argparse.Namespace) -> int:
     spec = SyntheticSpec(train_images=args.train_images, val_images=args.val_images, min_size=args.min_size,
                          max_size=args.max_size, seed=args.seed, formats=formats)
     started = time.perf_counter()
-    with tqdm(unit="images", desc="make-synthetic") as bar:
+    with tqdm(unit="images", desc="make-synthetic", disable=None) as bar:  # None: only on a terminal
         summary = make_synthetic(args.out, spec, progress=bar.update)
     seconds = time.perf_counter() - started
     print(f"Wrote {summary.images_written:,} images and {summary.annotations_written:,} annotations in "
@@ -106,6 +106,7 @@ def _add_verify(sub) -> None:
                                              "member adjacency, decodability")
     p.add_argument("manifest", help="manifest.json path or s3:// URI")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="storage settings, e.g. endpoint_url=http://...")
+    p.add_argument("--workers", type=int, default=4, help="shards checked at once (threads)")
     p.set_defaults(run=_run_verify)
 
 
@@ -121,8 +122,9 @@ def _run_verify(args: argparse.Namespace) -> int:
     storage = Storage(load_config(StorageConfig, None, args.overrides))
     manifest = load_manifest(storage, args.manifest)
     started = time.perf_counter()
-    with tqdm(total=manifest.counts.samples, unit="samples", desc="verify-shards") as bar:
-        report = verify_shards(storage, args.manifest, on_shard=lambda c: bar.update(c.samples))
+    with tqdm(total=manifest.counts.samples, unit="samples", desc="verify-shards", disable=None) as bar:
+        report = verify_shards(storage, args.manifest, on_shard=lambda c: bar.update(c.samples),
+                               workers=args.workers)
     seconds = time.perf_counter() - started
     for problem in report.problems:
         print(f"problem: {problem}", file=sys.stderr)
