@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import queue
 import tarfile
 import threading
@@ -28,6 +29,7 @@ from data_prep.validate import (
 )
 
 PARTS_DIR = "_parts"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -200,9 +202,14 @@ def _reuse(job: ShardJob, digest: str) -> ShardResult | None:
     sidecar_uri = _sidecar_uri(job)
     if not storage.exists(sidecar_uri):
         return None
-    side = json.loads(storage.read_bytes(sidecar_uri))
+    try:
+        side = json.loads(storage.read_bytes(sidecar_uri))
+        recorded = (side["plan_digest"], side["bytes"], side["sha256"], side["samples"], side["rejects"])
+    except (ValueError, KeyError, TypeError) as exc:  # a damaged sidecar: the shard is simply rewritten
+        log.warning("ignoring unreadable %s (%s); rewriting %s", sidecar_uri, exc, job.name)
+        return None
     info = storage.stat(shard_uri)
-    if side.get("plan_digest") != digest or info is None or info.size != side["bytes"]:
+    if recorded[0] != digest or info is None or info.size != recorded[1]:
         return None
     sha = hashlib.sha256()
     with storage.open_read(shard_uri) as f:

@@ -155,3 +155,13 @@ def test_ray_fanout_writes_the_same_bytes_as_inline(raw, tmp_path, ray_local):
     assert ray_summary.shards == 4
     assert (tmp_path / "ray" / "manifest.json").read_bytes() == (tmp_path / "inline" / "manifest.json").read_bytes()
     assert _shard_hashes(tmp_path / "ray") == _shard_hashes(tmp_path / "inline")
+
+
+def test_damaged_sidecar_means_rewrite_not_crash(raw, tmp_path):
+    source = _source(raw, "objects365_v1")
+    first = run_shard(tmp_path, _extra={"shard.maxcount": 5}, **source)
+    hashes = _shard_hashes(tmp_path)
+    (tmp_path / "_parts" / "shard-000000.tar.json").write_text("{not json")
+    second = run_shard(tmp_path, _extra={"shard.maxcount": 5}, **source)
+    assert second.shards_reused == first.shards - 1
+    assert _shard_hashes(tmp_path) == hashes
