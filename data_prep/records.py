@@ -6,14 +6,10 @@ Rejects found anywhere become `Reject` lines in `rejects.jsonl`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 CONVERTER_VERSION = "1"
-
-# Task names a manifest can carry; `detection` = boxes only (Objects365).
-TASKS = ("detection", "instance", "panoptic", "semantic")
-
 
 @dataclass(frozen=True)
 class Category:
@@ -100,16 +96,3 @@ DUPLICATE_IMAGE = "duplicate_image"
 PNG_ID_WITHOUT_SEGMENT = "png_id_without_segment"
 SEGMENT_WITHOUT_PIXELS = "segment_without_pixels"
 UNDECODABLE_LABEL = "undecodable_label"
-
-
-@dataclass
-class ShardCounts:
-    """Counts a shard task reports back; summed into the manifest."""
-
-    samples: int = 0
-    annotations: int = 0
-    segments: int = 0
-    rejects_by_reason: dict[str, int] = field(default_factory=dict)
-
-    def add_reject(self, reason: str) -> None:
-        self.rejects_by_reason[reason] = self.rejects_by_reason.get(reason, 0) + 1
