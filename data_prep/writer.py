@@ -196,30 +196,37 @@ def _sidecar_uri(job: ShardJob) -> str:
     return join(job.output, PARTS_DIR, job.name + ".json")
 
 
-def _reuse(job: ShardJob, digest: str) -> ShardResult | None:
-    """The published shard, if its sidecar matches these inputs and its bytes re-hash correctly."""
-    storage, shard_uri = job.storage, join(job.output, job.name)
+def _read_sidecar(job: ShardJob) -> tuple[str, ShardResult] | None:
+    """(input digest, recorded result) of the published shard, or None when there is no usable sidecar."""
     sidecar_uri = _sidecar_uri(job)
-    if not storage.exists(sidecar_uri):
+    if not job.storage.exists(sidecar_uri):
         return None
     try:
-        side = json.loads(storage.read_bytes(sidecar_uri))
-        recorded = (side["plan_digest"], side["bytes"], side["sha256"], side["samples"], side["rejects"])
+        side = json.loads(job.storage.read_bytes(sidecar_uri))
+        result = ShardResult(index=job.index, name=job.name, samples=side["samples"], bytes=side["bytes"],
+                             sha256=side["sha256"], annotations=side["annotations"],
+                             rejects=[Reject(**r) for r in side["rejects"]], reused=True)
+        return side["plan_digest"], result
     except (ValueError, KeyError, TypeError) as exc:  # a damaged sidecar: the shard is simply rewritten
         log.warning("ignoring unreadable %s (%s); rewriting %s", sidecar_uri, exc, job.name)
         return None
-    info = storage.stat(shard_uri)
-    if recorded[0] != digest or info is None or info.size != recorded[1]:
+
+
+def _reuse(job: ShardJob, digest: str) -> ShardResult | None:
+    """The published shard, if its sidecar matches these inputs and its bytes re-hash correctly."""
+    recorded = _read_sidecar(job)
+    if recorded is None or recorded[0] != digest:
+        return None
+    result = recorded[1]
+    shard_uri = join(job.output, job.name)
+    info = job.storage.stat(shard_uri)
+    if info is None or info.size != result.bytes:
         return None
     sha = hashlib.sha256()
-    with storage.open_read(shard_uri) as f:
+    with job.storage.open_read(shard_uri) as f:
         while block := f.read(1 << 22):
             sha.update(block)
-    if sha.hexdigest() != side["sha256"]:
-        return None
-    return ShardResult(index=job.index, name=job.name, samples=side["samples"], bytes=side["bytes"],
-                       sha256=side["sha256"], annotations=side["annotations"],
-                       rejects=[Reject(**r) for r in side["rejects"]], reused=True)
+    return result if sha.hexdigest() == result.sha256 else None
 
 
 def _write_records(job: ShardJob, tar: _DeterministicTar, rejects: list[Reject]) -> tuple[int, int]:

@@ -199,7 +199,7 @@ def parse_images(source: AnnotationFile) -> ImageTable:
     )
 
 
-def _as_int(value: Any) -> int:
+def as_int(value: Any) -> int:
     """Integer ids; -1 marks a missing or malformed one (rejected downstream as invalid)."""
     if isinstance(value, bool) or value is None:
         return -1
@@ -210,7 +210,7 @@ def _as_int(value: Any) -> int:
     return -1
 
 
-def _as_bbox(value: Any) -> tuple[float, float, float, float]:
+def as_bbox(value: Any) -> tuple[float, float, float, float]:
     if isinstance(value, list) and len(value) == 4:
         try:
             return tuple(float(v) for v in value)  # type: ignore[return-value]
@@ -225,10 +225,10 @@ def parse_annotations(source: AnnotationFile, with_segmentation: bool) -> Annota
     bboxes, areas, crowd = array.array("d"), array.array("d"), array.array("B")
     segmentations: list[str | None] | None = [] if with_segmentation else None
     for a in source.items("annotations"):
-        ids.append(_as_int(a.get("id")))
-        image_ids.append(_as_int(a.get("image_id")))
-        category_ids.append(_as_int(a.get("category_id")))
-        bboxes.extend(_as_bbox(a.get("bbox")))
+        ids.append(as_int(a.get("id")))
+        image_ids.append(as_int(a.get("image_id")))
+        category_ids.append(as_int(a.get("category_id")))
+        bboxes.extend(as_bbox(a.get("bbox")))
         area = a.get("area")
         areas.append(float(area) if isinstance(area, (int, float)) else math.nan)
         crowd.append(1 if a.get("iscrowd") else 0)

@@ -16,8 +16,8 @@ from data_prep.shard_config import SourceConfig
 from data_prep.sources.box_rules import box_text, check_boxes
 from data_prep.sources.coco_json import (
     AnnotationFile,
-    _as_bbox,
-    _as_int,
+    as_bbox,
+    as_int,
     file_sha256,
     parse_categories,
     parse_images,
@@ -45,11 +45,11 @@ class PanopticEntry:
 def _segment(s: object) -> SegmentRecord | None:
     """One segments_info entry; None when it lacks an integer id/category_id (malformed values in
     bbox become NaN, rejected as degenerate_box like every other box)."""
-    if not isinstance(s, dict) or _as_int(s.get("id")) < 0 or _as_int(s.get("category_id")) < 0:
+    if not isinstance(s, dict) or as_int(s.get("id")) < 0 or as_int(s.get("category_id")) < 0:
         return None
     area = s.get("area", 0)
-    return SegmentRecord(id=_as_int(s["id"]), category_id=_as_int(s["category_id"]),
-                         iscrowd=1 if s.get("iscrowd") else 0, bbox_xywh=_as_bbox(s.get("bbox")),
+    return SegmentRecord(id=as_int(s["id"]), category_id=as_int(s["category_id"]),
+                         iscrowd=1 if s.get("iscrowd") else 0, bbox_xywh=as_bbox(s.get("bbox")),
                          area=int(area) if isinstance(area, (int, float)) and area == area else 0)
 
 
@@ -66,7 +66,7 @@ def _parse_entries(source: AnnotationFile) -> tuple[dict[int, PanopticEntry], li
     entries: dict[int, PanopticEntry] = {}
     rejects: list[Reject] = []
     for a in source.items("annotations"):
-        image_id = _as_int(a.get("image_id")) if isinstance(a, dict) else -1
+        image_id = as_int(a.get("image_id")) if isinstance(a, dict) else -1
         if image_id < 0 or not isinstance(a.get("file_name"), str):
             rejects.append(Reject(image_key(image_id), R.INVALID_ANNOTATION,
                                   "panoptic annotation lacks an integer 'image_id' or a 'file_name'"))

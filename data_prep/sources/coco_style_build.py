@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from data_prep.records import Category
 from data_prep.sources.coco_json import (
     AnnotationFile,
     SourceError,
@@ -40,11 +39,10 @@ def list_folder(storage: Storage, uri: str, what: str, setting: str) -> dict[str
 def build_coco_style(
     *, dataset: str, task: str, split: str, annotation: str, images_dir: str, storage: Storage,
     workdir: str, with_segmentation: bool, rel_path_of: Callable[[str], str] = lambda name: name,
-    categories: list[Category] | None = None,
 ) -> CocoStyleIndex:
     path = local_copy(storage, annotation, workdir)
     source = AnnotationFile(path)
-    cats = categories or parse_categories(source)
+    cats = parse_categories(source)
     listing = list_folder(storage, images_dir, "image", "source.images")
     images = parse_images(source)
     selection = select_images(images, listing, rel_path_of)
