@@ -18,8 +18,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data_prep.shard import StrictRejectError
     from data_prep.sources import SourceError
     from data_prep.storage import StorageError
+    from model.official_checkpoint import CheckpointError
 
-    return (ConfigError, SourceError, StorageError, StrictRejectError)
+    return (ConfigError, SourceError, StorageError, StrictRejectError, CheckpointError)
 
 
 # ---------------------------------------------------------------- make-synthetic
@@ -135,7 +136,46 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-SUBCOMMANDS: tuple[Callable, ...] = (_add_make_synthetic, _add_shard, _add_verify)
+# ---------------------------------------------------------------- model-info
+def _add_model_info(sub) -> None:
+    p = sub.add_parser("model-info", help="parameter count per top-level module and in total, feature levels "
+                                          "and query counts of a model config")
+    p.add_argument("config", help="model config YAML (configs/model/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_classes=365")
+    p.set_defaults(run=_run_model_info)
+
+
+def _run_model_info(args: argparse.Namespace) -> int:
+    from pipeline.model_tools import load_model_config, model_info
+
+    info = model_info(load_model_config(args.config, args.overrides))
+    print(f"{args.config}:")
+    for line in info.lines():
+        print(f"  {line}")
+    return 0
+
+
+# ---------------------------------------------------------------- convert-checkpoint
+def _add_convert_checkpoint(sub) -> None:
+    p = sub.add_parser("convert-checkpoint", help="convert an official Mask DINO .pth (detectron2 format) to "
+                                                  "our safetensors names")
+    p.add_argument("input", help="official checkpoint (.pth: {'model': state_dict} or a bare state_dict)")
+    p.add_argument("output", help="output .safetensors path")
+    p.add_argument("--config", default="", help="model config to check shapes against and report missing keys")
+    p.set_defaults(run=_run_convert_checkpoint)
+
+
+def _run_convert_checkpoint(args: argparse.Namespace) -> int:
+    from pipeline.model_tools import convert_checkpoint, load_model_config
+
+    cfg = load_model_config(args.config) if args.config else None
+    summary = convert_checkpoint(args.input, args.output, cfg)
+    print(summary.line(args.output))
+    return 0
+
+
+SUBCOMMANDS: tuple[Callable, ...] = (_add_make_synthetic, _add_shard, _add_verify, _add_model_info,
+                                     _add_convert_checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:

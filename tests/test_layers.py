@@ -40,7 +40,7 @@ def test_cli_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for command in ("make-synthetic", "shard", "verify-shards"):
+    for command in ("make-synthetic", "shard", "verify-shards", "model-info", "convert-checkpoint"):
         assert command in out
 
 
@@ -54,3 +54,45 @@ def test_sharding_does_not_import_torch():
             "print(sorted(m for m in ('torch', 'webdataset', 'mlflow', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def _full_imports(package: str) -> dict[str, set[str]]:
+    """Dotted module names imported anywhere in a package (`import a.b`, `from a.b import c` -> a.b, a.b.c)."""
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / package).rglob("*.py"):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+FORBIDDEN_IN_MODEL = ("deepspeed", "ray", "mlflow", "boto3", "botocore", "webdataset", "torch.distributed")
+
+
+def test_model_has_no_distributed_or_storage_imports():
+    """model/ is single-device PyTorch: parallelism and storage are applied from outside."""
+    for path, names in _full_imports("model").items():
+        bad = sorted(n for n in names for f in FORBIDDEN_IN_MODEL if n == f or n.startswith(f + "."))
+        assert not bad, f"{path} imports {bad}"
+
+
+def test_model_imports_nothing_of_ours_but_the_kernel_loader():
+    for path, names in _imports("model").items():
+        assert not (names & (OURS - {"model", "csrc"})), f"{path} imports {names & OURS}"
+
+
+def test_model_never_picks_a_device():
+    """No `.cuda()` / `.to("cuda")` in model code: devices come from the inputs."""
+    for path in (ROOT / "model").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                assert node.func.attr != "cuda", f"{path}:{node.lineno} calls .cuda()"
+                if node.func.attr == "to":
+                    literal = [a.value for a in node.args if isinstance(a, ast.Constant)]
+                    assert not any(isinstance(v, str) and v.startswith("cuda") for v in literal), \
+                        f"{path}:{node.lineno} moves to cuda"

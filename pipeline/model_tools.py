@@ -1,0 +1,144 @@
+"""Model-level commands: load a model config, build the model (with ImageNet backbone weights from a local
+or s3:// path), describe it (`maskdino model-info`) and convert official checkpoints
+(`maskdino convert-checkpoint`)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from model.config import ModelConfig
+from pipeline.config import load_config
+
+
+def load_model_config(path: str, overrides: Sequence[str] = ()) -> ModelConfig:
+    return load_config(ModelConfig, path, list(overrides))
+
+
+def read_weights(uri: str) -> dict[str, torch.Tensor]:
+    """A state dict from a local path or s3:// URI (.safetensors or a weights-only torch file)."""
+    from data_prep.storage import Storage, StorageConfig, is_s3
+
+    if not is_s3(uri):
+        from model.backbone import read_state_dict_file
+
+        return read_state_dict_file(uri)
+    data = Storage(StorageConfig()).read_bytes(uri)
+    if uri.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        return dict(load_safetensors(data))
+    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return dict(obj.get("model", obj.get("state_dict", obj)))
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
+    """The model with `backbone.pretrained` loaded if set (nothing is ever downloaded)."""
+    from model.backbone import load_pretrained_backbone
+    from model.maskdino import MaskDINO
+
+    model = MaskDINO(cfg)
+    if cfg.backbone.pretrained:
+        load_pretrained_backbone(model.backbone, read_weights(cfg.backbone.pretrained))
+    return model.to(device)
+
+
+@dataclass
+class ModelInfo:
+    params_by_module: dict[str, int]
+    total_params: int
+    trainable_params: int
+    encoder_levels: list[str]
+    decoder_levels: list[str]
+    num_queries: int
+    dn_num: int
+    prediction_sets: int
+
+    def lines(self) -> list[str]:
+        width = max(len(k) for k in self.params_by_module)
+        out = [f"{name:<{width}}  {n:>13,}" for name, n in self.params_by_module.items()]
+        out.append(f"{'total':<{width}}  {self.total_params:>13,}  ({self.trainable_params:,} trainable)")
+        out.append(f"encoder levels (token order): {', '.join(self.encoder_levels)}")
+        out.append(f"decoder memory levels:        {', '.join(self.decoder_levels)}")
+        out.append(f"queries: {self.num_queries} matching + up to {self.dn_num} denoising; "
+                   f"{self.prediction_sets} supervised prediction sets")
+        return out
+
+
+def _encoder_strides(model) -> list[int]:
+    pd = model.pixel_decoder
+    backbone = [model.backbone.strides[f] for f in pd.transformer_in_features[::-1]]
+    n_extra = pd.cfg.total_num_feature_levels - len(backbone)
+    extra = [max(backbone) * 2 ** (i + 1) for i in range(n_extra)][::-1]
+    return backbone + extra if pd.cfg.feature_order == "low2high" else extra + backbone
+
+
+def model_info(cfg: ModelConfig) -> ModelInfo:
+    """Parameter counts and geometry; the model is built on the meta device (no memory, no init cost)."""
+    from model.maskdino import MaskDINO
+
+    with torch.device("meta"):
+        model = MaskDINO(cfg)
+    by_module = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    strides = _encoder_strides(model)
+    d = cfg.decoder
+    return ModelInfo(
+        params_by_module=by_module,
+        total_params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        encoder_levels=[f"1/{s}" for s in strides],
+        decoder_levels=[f"1/{s}" for s in strides[::-1]],
+        num_queries=d.num_queries,
+        dn_num=d.dn_num if d.dn != "no" else 0,
+        prediction_sets=d.dec_layers + int(d.initial_pred) + int(d.two_stage),
+    )
+
+
+@dataclass
+class ConversionSummary:
+    tensors: int
+    aliases_resolved: int
+    recomputed: int
+    unmatched: list[str]
+    missing: list[str]
+
+    def line(self, out_path: str) -> str:
+        text = (f"wrote {self.tensors} tensors to {out_path}; {self.aliases_resolved} aliased copies resolved, "
+                f"{self.recomputed} recomputed buffers dropped")
+        if self.unmatched:
+            text += f"; {len(self.unmatched)} official keys without a counterpart: {', '.join(self.unmatched[:5])}"
+        if self.missing:
+            text += f"; {len(self.missing)} model keys not in the checkpoint: {', '.join(self.missing[:5])}"
+        return text
+
+
+def convert_checkpoint(in_path: str, out_path: str, cfg: ModelConfig | None = None) -> ConversionSummary:
+    """Official .pth -> our safetensors. With a model config, shapes are checked against the model
+    (a mismatch names the key and both shapes) and missing keys are reported."""
+    from safetensors.torch import save_file
+
+    from model.official_checkpoint import CheckpointError, convert_official_state_dict, read_official_state_dict
+
+    conv = convert_official_state_dict(read_official_state_dict(in_path))
+    missing: list[str] = []
+    unmatched = list(conv.unmatched)
+    if cfg is not None:
+        from model.maskdino import MaskDINO
+
+        with torch.device("meta"):
+            ours = MaskDINO(cfg).state_dict()
+        for key, value in conv.state_dict.items():
+            if key not in ours:
+                unmatched.append(key)
+            elif tuple(ours[key].shape) != tuple(value.shape):
+                raise CheckpointError(f"shape mismatch for {key}: checkpoint {tuple(value.shape)} vs model "
+                                      f"{tuple(ours[key].shape)} (is {cfg!r:.0} the config of this checkpoint?)")
+        missing = [k for k in ours if k not in conv.state_dict]
+    tensors = {k: v.detach().contiguous() for k, v in conv.state_dict.items()}
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_path, metadata={"format": "maskdino-pipeline", "source": Path(in_path).name})
+    return ConversionSummary(len(tensors), conv.aliases_resolved, len(conv.recomputed), unmatched, missing)
