@@ -22,6 +22,7 @@ Set `MASKDINO_EXT_VERBOSE=1` to see the compiler's command lines.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -77,6 +78,10 @@ def load_extension(cuda: bool) -> ModuleType | None:
 
 
 def _build(cuda: bool) -> ModuleType:
+    if not cuda:
+        # On import torch probes for CUDA and logs "No CUDA runtime is found" on CPU machines: noise for a
+        # CPU build, which needs no CUDA.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension  # imported late: it probes the toolchain at import
 
     _put_ninja_on_path()
