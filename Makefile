@@ -31,7 +31,9 @@ demo: $(STAMP)
 	$(MASKDINO) shard --config configs/data/demo_ade20k.yaml --splits train,val source.root=$(DEMO)/raw/ADEChallengeData2016 output=$(DEMO)/shards/ade20k
 	$(MASKDINO) shard --config configs/data/demo_objects365_v2.yaml --splits train,val source.root=$(DEMO)/raw/objects365_v2 output=$(DEMO)/shards/objects365_v2
 	for m in $(DEMO)/shards/*/*/manifest.json; do $(MASKDINO) verify-shards $$m || exit 1; done
-	@echo "Demo done: raw synthetic datasets in $(DEMO)/raw, WebDataset shards with manifests and rejects in $(DEMO)/shards/<dataset>/<split>."
+	$(MASKDINO) model-info configs/model/tiny_instance.yaml
+	$(MASKDINO) model-info configs/model/r50_instance.yaml
+	@echo "Demo done: raw synthetic datasets in $(DEMO)/raw, WebDataset shards with manifests and rejects in $(DEMO)/shards/<dataset>/<split>; the tiny and R50 Mask DINO models described above."
 
 clean-demo:
 	rm -rf $(DEMO)

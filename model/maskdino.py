@@ -49,8 +49,7 @@ class MaskDINO(nn.Module):
         self.predictor = MaskDINOPredictor(cfg.decoder, cfg.num_classes, cfg.pixel_decoder.conv_dim,
                                            cfg.pixel_decoder.mask_dim, cfg.pixel_decoder.total_num_feature_levels)
         losses = loss_config(cfg)
-        matcher_cfg = cfg.matcher
-        self.criterion = SetCriterion(losses, HungarianMatcher(matcher_cfg))
+        self.criterion = SetCriterion(losses, HungarianMatcher(cfg.matcher))
         self.weight_dict = build_weight_dict(losses)
         # Not persistent: official checkpoints do not carry them either.
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)
@@ -122,6 +121,3 @@ class MaskDINO(nn.Module):
             for i in range(len(images))
         ]
 
-
-def build_model(cfg: ModelConfig) -> MaskDINO:
-    return MaskDINO(cfg)

@@ -99,29 +99,27 @@ def _canonical(key: str) -> str | None:
 
 
 def convert_official_state_dict(official: Mapping[str, Tensor]) -> Conversion:
-    """Rename official keys to ours; aliased copies are checked equal and dropped."""
+    """Rename official keys to ours; aliased copies are checked equal and become one tensor."""
     official = {k[len("module."):] if k.startswith("module.") else k: v for k, v in official.items()}
+    groups: dict[str, list[str]] = {}  # canonical official key -> every key storing that tensor
+    for key in official:
+        groups.setdefault(_canonical(key) or key, []).append(key)
     conv = Conversion(state_dict={})
-    for key, value in official.items():
-        canonical = _canonical(key)
-        if canonical is not None:
-            if canonical in official and not torch.equal(official[canonical], value):
+    for canonical, keys in groups.items():
+        value = official[canonical] if canonical in official else official[keys[0]]
+        for key in keys:
+            if not torch.equal(official[key], value):
                 raise CheckpointError(f"{key} should be a copy of the shared {canonical} but differs; "
                                       "the checkpoint is not an official Mask DINO state_dict")
-            conv.aliases_resolved += 1
-            if canonical in official:
-                continue
-            key = canonical  # only the alias was stored: use it as the canonical tensor
-            if any(k == _rename(canonical) for k in conv.state_dict):
-                continue
-        if _RECOMPUTED.search(key):
-            conv.recomputed.append(key)
+        conv.aliases_resolved += len(keys) - 1
+        if _RECOMPUTED.search(canonical):
+            conv.recomputed.append(canonical)
             continue
-        ours = _rename(key)
+        ours = _rename(canonical)
         if ours is None:
-            conv.unmatched.append(key)
-            continue
-        conv.state_dict[ours] = value
+            conv.unmatched.append(canonical)
+        else:
+            conv.state_dict[ours] = value
     return conv
 
 

@@ -19,15 +19,16 @@ def load_model_config(path: str, overrides: Sequence[str] = ()) -> ModelConfig:
     return load_config(ModelConfig, path, list(overrides))
 
 
-def read_weights(uri: str) -> dict[str, torch.Tensor]:
-    """A state dict from a local path or s3:// URI (.safetensors or a weights-only torch file)."""
+def read_weights(uri: str, storage=None) -> dict[str, torch.Tensor]:
+    """A state dict from a local path or s3:// URI (.safetensors or a weights-only torch file).
+    `storage` (a data_prep Storage) says how to reach S3; default: endpoint/credentials from the environment."""
     from data_prep.storage import Storage, StorageConfig, is_s3
 
     if not is_s3(uri):
         from model.backbone import read_state_dict_file
 
         return read_state_dict_file(uri)
-    data = Storage(StorageConfig()).read_bytes(uri)
+    data = (storage or Storage(StorageConfig())).read_bytes(uri)
     if uri.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
@@ -36,14 +37,14 @@ def read_weights(uri: str) -> dict[str, torch.Tensor]:
     return dict(obj.get("model", obj.get("state_dict", obj)))
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", storage=None):
     """The model with `backbone.pretrained` loaded if set (nothing is ever downloaded)."""
     from model.backbone import load_pretrained_backbone
     from model.maskdino import MaskDINO
 
     model = MaskDINO(cfg)
     if cfg.backbone.pretrained:
-        load_pretrained_backbone(model.backbone, read_weights(cfg.backbone.pretrained))
+        load_pretrained_backbone(model.backbone, read_weights(cfg.backbone.pretrained, storage))
     return model.to(device)
 
 

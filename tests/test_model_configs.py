@@ -143,3 +143,40 @@ def test_convert_checkpoint_cli_reports_a_wrong_config_in_one_line(official_pth,
                  "--config", "configs/model/tiny_instance.yaml"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: shape mismatch for ") and err.count("\n") == 1
+
+
+def _timm_resnet50_state() -> dict[str, torch.Tensor]:
+    """A timm-format ImageNet-style state dict (random values) for the R50 backbone."""
+    import timm
+
+    torch.manual_seed(3)
+    return {k: v.clone() for k, v in timm.create_model("resnet50", pretrained=False).state_dict().items()}
+
+
+def _check_backbone_loaded(model, state) -> None:
+    ours = model.backbone.state_dict()
+    assert torch.equal(ours["body.conv1.weight"], state["conv1.weight"])
+    assert torch.equal(ours["body.layer4.2.bn3.running_var"], state["layer4.2.bn3.running_var"])
+
+
+def test_imagenet_weights_load_from_a_local_path(tmp_path):
+    from safetensors.torch import save_file
+
+    from pipeline.model_tools import build_model
+
+    state = _timm_resnet50_state()
+    save_file(state, tmp_path / "r50.safetensors")
+    cfg = load_model_config("configs/model/r50_instance.yaml", [f"backbone.pretrained={tmp_path}/r50.safetensors"])
+    _check_backbone_loaded(build_model(cfg), state)
+
+
+@pytest.mark.s3
+def test_imagenet_weights_load_from_s3(s3_bucket, tmp_path):
+    from pipeline.model_tools import build_model
+
+    storage, bucket = s3_bucket
+    state = _timm_resnet50_state()
+    torch.save(state, tmp_path / "r50.pth")
+    storage.write_bytes(f"{bucket}/weights/r50.pth", (tmp_path / "r50.pth").read_bytes())
+    cfg = load_model_config("configs/model/r50_instance.yaml", [f"backbone.pretrained={bucket}/weights/r50.pth"])
+    _check_backbone_loaded(build_model(cfg, storage=storage), state)

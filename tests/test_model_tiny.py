@@ -53,7 +53,7 @@ def test_training_step_reaches_every_parameter_with_denoising(task, shapes):
     image, target = shapes[0]
     losses = model([image, shapes[1][0]], [target, empty_target(96, 96)])
     assert all(torch.isfinite(v) for v in losses.values()), {k: float(v) for k, v in losses.items()}
-    assert "loss_ce_dn" in losses and float(losses["loss_ce_dn"]) > 0  # DN was on
+    assert "loss_ce_dn" in losses and float(losses["loss_ce_dn"].detach()) > 0  # DN was on
     sum(losses.values()).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
