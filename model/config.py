@@ -28,8 +28,8 @@ class LossSettings:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     box_loss: bool = True
-    # The paper's decoupled box prediction: no box loss / box matching cost for stuff classes
-    # (official PANO_BOX_LOSS; off in every released config).
+    # The paper's decoupled box prediction: no box loss and no box matching cost for stuff classes
+    # (labels >= num_thing_classes; official PANO_BOX_LOSS; off in every released config).
     stuff_box_loss_masked: bool = False
     num_thing_classes: int = 80
     # False = detection-only (Objects365 pretraining): no mask losses and no mask targets.

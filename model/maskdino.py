@@ -7,6 +7,8 @@ inputs) and nothing distributed happens: `num_masks` is averaged across ranks by
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 from model.backbone import Backbone, build_backbone
 from model.config import ModelConfig
 from model.criterion import LossConfig, SetCriterion, build_weight_dict
-from model.matcher import HungarianMatcher
+from model.matcher import HungarianMatcher, MatcherConfig
 from model.msda_dispatch import set_backend
 from model.pixel_decoder import PixelDecoder
 from model.postprocess import postprocess_image
@@ -37,6 +39,14 @@ def loss_config(cfg: ModelConfig) -> LossConfig:
     )
 
 
+def matcher_config(cfg: ModelConfig) -> MatcherConfig:
+    """The matcher's config; `loss.stuff_box_loss_masked` (decoupled box prediction) also drops stuff box
+    costs from matching, so one option switches the paper's variant on."""
+    if not cfg.loss.stuff_box_loss_masked:
+        return cfg.matcher
+    return replace(cfg.matcher, stuff_box_cost_masked=True, num_thing_classes=cfg.loss.num_thing_classes)
+
+
 class MaskDINO(nn.Module):
     """backbone + pixel_decoder + predictor (+ criterion, whose only state is `empty_weight`)."""
 
@@ -49,7 +59,7 @@ class MaskDINO(nn.Module):
         self.predictor = MaskDINOPredictor(cfg.decoder, cfg.num_classes, cfg.pixel_decoder.conv_dim,
                                            cfg.pixel_decoder.mask_dim, cfg.pixel_decoder.total_num_feature_levels)
         losses = loss_config(cfg)
-        self.criterion = SetCriterion(losses, HungarianMatcher(cfg.matcher))
+        self.criterion = SetCriterion(losses, HungarianMatcher(matcher_config(cfg)))
         self.weight_dict = build_weight_dict(losses)
         # Not persistent: official checkpoints do not carry them either.
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)

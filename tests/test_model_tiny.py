@@ -115,3 +115,19 @@ def test_postprocessing_all_three_tasks(shapes):
     sem_only = semantic.predict(images)[0]
     assert sem_only.instances is None and sem_only.panoptic is None
     assert sem_only.semantic.labels.shape == (96, 96)
+
+
+def test_decoupled_box_prediction_drops_stuff_box_loss_and_matching_cost(shapes):
+    """loss.stuff_box_loss_masked: the paper's option, off by default as in the released configs."""
+    from model.maskdino import matcher_config
+
+    default = tiny("panoptic")
+    assert not matcher_config(default.cfg).stuff_box_cost_masked and not default.criterion.cfg.stuff_box_loss_masked
+    decoupled = tiny("panoptic", "loss.stuff_box_loss_masked=true")
+    assert decoupled.criterion.matcher.cfg.stuff_box_cost_masked
+    assert decoupled.criterion.matcher.cfg.num_thing_classes == decoupled.cfg.loss.num_thing_classes == 1
+    image, target = shapes[0]
+    stuff_only = Targets(torch.ones_like(target.labels), target.boxes, target.masks)  # class 1 = stuff
+    losses = decoupled.train()([image], [stuff_only])
+    assert float(losses["loss_bbox"].detach()) == 0.0 and float(losses["loss_giou"].detach()) == 0.0
+    assert float(losses["loss_mask"].detach()) > 0.0
