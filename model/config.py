@@ -6,35 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from model.backbone import BackboneConfig
+from model.criterion import LossSettings
 from model.matcher import MatcherConfig
 from model.pixel_decoder import PixelDecoderConfig
 from model.postprocess import InferenceConfig
 from model.predictor import DecoderConfig
-
-
-@dataclass
-class LossSettings:
-    """Loss weights and options (MODEL.MaskDINO.*_WEIGHT etc.); the criterion's derived fields (classes,
-    DN mode, layers) come from the rest of the model config."""
-
-    class_weight: float = 4.0
-    mask_weight: float = 5.0
-    dice_weight: float = 5.0
-    box_weight: float = 5.0
-    giou_weight: float = 2.0
-    no_object_weight: float = 0.1
-    focal_alpha: float = 0.25
-    train_num_points: int = 12544
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
-    box_loss: bool = True
-    # The paper's decoupled box prediction: no box loss and no box matching cost for stuff classes
-    # (labels >= num_thing_classes; official PANO_BOX_LOSS; off in every released config).
-    stuff_box_loss_masked: bool = False
-    num_thing_classes: int = 80
-    # False = detection-only (Objects365 pretraining): no mask losses and no mask targets.
-    mask_losses: bool = True
-    deep_supervision: bool = True
 
 
 @dataclass

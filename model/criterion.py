@@ -33,22 +33,21 @@ BASE_LOSS_KEYS: tuple[str, ...] = ("loss_ce", "loss_mask", "loss_dice", "loss_bb
 
 
 @dataclass
-class LossConfig:
-    """Loss weights and options (MODEL.MaskDINO.* in the official config).
+class LossSettings:
+    """Loss weights and options a config sets (MODEL.MaskDINO.*_WEIGHT etc. in the official config).
 
     mask_losses=False is detection-only mode (Objects365 pretraining): no mask losses, targets need no
-    masks and the matcher uses class + box costs only. stuff_box_loss_masked is the official
-    PANO_BOX_LOSS: box losses only on labels < num_thing_classes (off in the released configs).
+    masks and the matcher uses class + box costs only. stuff_box_loss_masked is the paper's decoupled box
+    prediction (official PANO_BOX_LOSS): box losses only on labels < num_thing_classes (off in the
+    released configs).
     """
 
-    num_classes: int
     class_weight: float = 4.0
     mask_weight: float = 5.0
     dice_weight: float = 5.0
     box_weight: float = 5.0
     giou_weight: float = 2.0
     no_object_weight: float = 0.1
-    semantic_ce_loss: bool = False
     focal_alpha: float = 0.25
     train_num_points: int = 12544
     oversample_ratio: float = 3.0
@@ -57,9 +56,17 @@ class LossConfig:
     stuff_box_loss_masked: bool = False
     num_thing_classes: int = 80
     mask_losses: bool = True
+    deep_supervision: bool = True
+
+
+@dataclass(kw_only=True)
+class LossConfig(LossSettings):
+    """The criterion's full config: the settings plus what the rest of the model config implies."""
+
+    num_classes: int
+    semantic_ce_loss: bool = False
     dn: Literal["seg", "standard", "no"] = "seg"
     two_stage: bool = True
-    deep_supervision: bool = True
     dec_layers: int = 9
 
     def __post_init__(self) -> None:

@@ -3,7 +3,7 @@ MLP, and the initialisations the official code applies."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -7,7 +7,7 @@ inputs) and nothing distributed happens: `num_masks` is averaged across ranks by
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,17 +26,8 @@ from model.structures import EncoderOutput, HeadOutput, ImageResult, Targets
 
 def loss_config(cfg: ModelConfig) -> LossConfig:
     """The criterion's config: loss settings plus what the rest of the model config implies."""
-    s = cfg.loss
-    return LossConfig(
-        num_classes=cfg.num_classes, class_weight=s.class_weight, mask_weight=s.mask_weight,
-        dice_weight=s.dice_weight, box_weight=s.box_weight, giou_weight=s.giou_weight,
-        no_object_weight=s.no_object_weight, semantic_ce_loss=cfg.decoder.semantic_ce_loss,
-        focal_alpha=s.focal_alpha, train_num_points=s.train_num_points, oversample_ratio=s.oversample_ratio,
-        importance_sample_ratio=s.importance_sample_ratio, box_loss=s.box_loss,
-        stuff_box_loss_masked=s.stuff_box_loss_masked, num_thing_classes=s.num_thing_classes,
-        mask_losses=s.mask_losses, dn=cfg.decoder.dn, two_stage=cfg.decoder.two_stage,
-        deep_supervision=s.deep_supervision, dec_layers=cfg.decoder.dec_layers,
-    )
+    return LossConfig(**asdict(cfg.loss), num_classes=cfg.num_classes, semantic_ce_loss=cfg.decoder.semantic_ce_loss,
+                      dn=cfg.decoder.dn, two_stage=cfg.decoder.two_stage, dec_layers=cfg.decoder.dec_layers)
 
 
 def matcher_config(cfg: ModelConfig) -> MatcherConfig:

@@ -23,7 +23,7 @@ def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, sampling_loc
     value [N, S, M, D]; spatial_shapes [L, 2] (H, W); sampling_locations [N, Lq, M, L, P, 2] in [0, 1] (x, y);
     attention_weights [N, Lq, M, L, P]  ->  [N, Lq, M*D].
     """
-    N, S, M, D = value.shape
+    N, _, M, D = value.shape
     _, Lq, M, L, P, _ = sampling_locations.shape
     value_list = value.split([int(h) * int(w) for h, w in spatial_shapes.tolist()], dim=1)
     grids = 2 * sampling_locations - 1

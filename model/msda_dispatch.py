@@ -88,7 +88,9 @@ def ms_deform_attn_core(value: Tensor, spatial_shapes: Tensor, level_start_index
         t.to(dtype) for t in (value, sampling_locations, attention_weights))
     backend = selected_backend(value.device)
     if backend == "reference":
-        from model.ms_deform_attn import ms_deform_attn_reference  # lazy: that module imports us
+        from model.ms_deform_attn import (
+            ms_deform_attn_reference,  # lazy: that module imports us
+        )
 
         return ms_deform_attn_reference(value, spatial_shapes, sampling_locations,
                                         attention_weights)

@@ -100,7 +100,7 @@ def _canonical(key: str) -> str | None:
 
 def convert_official_state_dict(official: Mapping[str, Tensor]) -> Conversion:
     """Rename official keys to ours; aliased copies are checked equal and become one tensor."""
-    official = {k[len("module."):] if k.startswith("module.") else k: v for k, v in official.items()}
+    official = {k.removeprefix("module."): v for k, v in official.items()}
     groups: dict[str, list[str]] = {}  # canonical official key -> every key storing that tensor
     for key in official:
         groups.setdefault(_canonical(key) or key, []).append(key)

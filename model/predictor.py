@@ -16,8 +16,13 @@ from model.box_ops import inverse_sigmoid
 from model.decoder import TransformerDecoder
 from model.denoising import DenoisingQueries, make_denoising_queries, split_denoising
 from model.layers import MLP, c2_xavier_fill
-from model.query_selection import (BOX_INIT_TYPES, encoder_proposals, gather_tokens, mask_enhanced_anchors,
-                                   select_topk)
+from model.query_selection import (
+    BOX_INIT_TYPES,
+    encoder_proposals,
+    gather_tokens,
+    mask_enhanced_anchors,
+    select_topk,
+)
 from model.structures import DenoisingOutput, HeadOutput, Predictions, Targets
 
 DN_MODES = ("seg", "standard", "no")

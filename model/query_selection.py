@@ -6,7 +6,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from model.box_ops import bitmask_boxes, box_xyxy_to_cxcywh, inverse_sigmoid, masks_to_boxes_official
+from model.box_ops import (
+    bitmask_boxes,
+    box_xyxy_to_cxcywh,
+    inverse_sigmoid,
+    masks_to_boxes_official,
+)
 
 BOX_INIT_TYPES = ("mask2box", "bitmask", "no")
 

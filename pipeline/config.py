@@ -306,7 +306,7 @@ class _FieldSpec:
         return dataclasses.MISSING
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_specs(cls: type) -> tuple[_FieldSpec, ...]:
     # get_type_hints resolves string annotations (`from __future__ import annotations`).
     hints = typing.get_type_hints(cls)

@@ -5,9 +5,9 @@ or s3:// path), describe it (`maskdino model-info`) and convert official checkpo
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -122,7 +122,11 @@ def convert_checkpoint(in_path: str, out_path: str, cfg: ModelConfig | None = No
     (a mismatch names the key and both shapes) and missing keys are reported."""
     from safetensors.torch import save_file
 
-    from model.official_checkpoint import CheckpointError, convert_official_state_dict, read_official_state_dict
+    from model.official_checkpoint import (
+        CheckpointError,
+        convert_official_state_dict,
+        read_official_state_dict,
+    )
 
     conv = convert_official_state_dict(read_official_state_dict(in_path))
     missing: list[str] = []

@@ -64,7 +64,7 @@ class ReplayBackbone(nn.Module):
 
 def model_config(fx: Fixture) -> ModelConfig:
     """The fixture's effective official config as our ModelConfig."""
-    e = lambda k: fx.effective["MODEL." + k]  # noqa: E731
+    e = lambda k: fx.effective["MODEL." + k]
     backbone = BackboneConfig()
     if "MODEL.SWIN.EMBED_DIM" in fx.effective:
         backbone = BackboneConfig(name="swin", embed_dim=e("SWIN.EMBED_DIM"), depths=list(e("SWIN.DEPTHS")),
@@ -84,7 +84,7 @@ def model_config(fx: Fixture) -> ModelConfig:
         initialize_box_type=e("MaskDINO.INITIALIZE_BOX_TYPE"), dn=e("MaskDINO.DN"), dn_num=e("MaskDINO.DN_NUM"),
         dn_noise_scale=e("MaskDINO.DN_NOISE_SCALE"), learn_tgt=e("MaskDINO.LEARN_TGT"),
         semantic_ce_loss=e("MaskDINO.SEMANTIC_CE_LOSS"))
-    test = lambda k: e("MaskDINO.TEST." + k)  # noqa: E731
+    test = lambda k: e("MaskDINO.TEST." + k)
     inference = InferenceConfig(
         instance_on=test("INSTANCE_ON"), panoptic_on=test("PANOPTIC_ON"), semantic_on=test("SEMANTIC_ON"),
         object_mask_threshold=test("OBJECT_MASK_THRESHOLD"), overlap_threshold=test("OVERLAP_THRESHOLD"),

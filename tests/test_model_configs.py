@@ -12,8 +12,12 @@ import pytest
 import torch
 
 from model.maskdino import MaskDINO
-from model.official_checkpoint import CheckpointError, convert_official_state_dict, load_official_weights, \
-    read_official_state_dict
+from model.official_checkpoint import (
+    CheckpointError,
+    convert_official_state_dict,
+    load_official_weights,
+    read_official_state_dict,
+)
 from pipeline.cli import main
 from pipeline.model_tools import load_model_config, model_info
 from tests.parity_fixtures import build_fixture_model, load_fixture, model_config

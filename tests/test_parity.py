@@ -39,7 +39,7 @@ def run(fx: Fixture):
     h, w = fx.geometry("image_size_hw")
     image = torch.from_numpy(fx.inputs["image"]) if "image" in fx.inputs else torch.zeros(3, h, w)
     with torch.no_grad():
-        batch, sizes = model.preprocess([image])
+        batch, _ = model.preprocess([image])
         features = model.backbone(batch)
         encoded = model.pixel_decoder(features)
         head = model.predictor(encoded.multi_scale, encoded.mask_features)
@@ -75,7 +75,10 @@ def check_head(fx: Fixture, encoded, head, enc_max) -> None:
 
 def check_instances(fx: Fixture, inst) -> None:
     o = fx.outputs
-    key = lambda q, c: np.asarray(q) * 10_000 + np.asarray(c)  # noqa: E731  (query, class) identifies a result
+
+    def key(query, cls):  # (query, class) identifies an instance result
+        return np.asarray(query) * 10_000 + np.asarray(cls)
+
     ours_order = np.argsort(key(inst.query_index.numpy(), inst.classes.numpy()))
     official_order = np.argsort(key(o["inst_query_index"], o["inst_pred_classes"]))
     np.testing.assert_array_equal(inst.query_index.numpy()[ours_order], o["inst_query_index"][official_order])
