@@ -39,6 +39,8 @@ from timm.models.swin_transformer import (
 )
 from torch import Tensor, nn
 
+from model.weights_file import unwrap_state_dict
+
 FEATURE_NAMES: tuple[str, ...] = ("res2", "res3", "res4", "res5")
 FEATURE_STRIDES: tuple[int, ...] = (4, 8, 16, 32)
 # resnet50 is the official one; the smaller ones serve tiny test/demo configs.
@@ -264,14 +266,6 @@ _DROPPABLE = re.compile(
 )
 
 
-def _unwrap(state_dict: Mapping) -> Mapping:
-    """Checkpoint files often nest the weights under "model" or "state_dict"."""
-    for key in ("model", "state_dict"):
-        if isinstance(state_dict.get(key), Mapping):
-            return state_dict[key]
-    return state_dict
-
-
 def _is_official_format(keys: set[str]) -> bool:
     """detectron2 R50 (``stem.*``) or Microsoft/D2 Swin (merge at the end of a stage: ``layers.0.downsample``)."""
     return "stem.conv1.weight" in keys or any(k.startswith("layers.0.downsample.") for k in keys)
@@ -290,7 +284,7 @@ def load_pretrained_backbone(backbone: Backbone, state_dict: Mapping[str, Tensor
     ``_DROPPABLE`` keys are ignored; any other key without a counterpart raises ValueError, as does a shape
     mismatch (message names both keys and both shapes). ``num_batches_tracked`` is not reported missing.
     """
-    state_dict = {k.removeprefix("module."): v for k, v in _unwrap(state_dict).items()}
+    state_dict = {k.removeprefix("module."): v for k, v in unwrap_state_dict(state_dict).items()}
     to_ours = official_backbone_key if _is_official_format(set(state_dict)) else _timm_key
     ours = backbone.state_dict()
     mapped: dict[str, Tensor] = {}
@@ -309,12 +303,3 @@ def load_pretrained_backbone(backbone: Backbone, state_dict: Mapping[str, Tensor
         mapped[key] = value
     backbone.load_state_dict(mapped, strict=False)
     return [k for k in ours if k not in mapped and not k.endswith("num_batches_tracked")]
-
-
-def read_state_dict_file(path: str) -> dict[str, Tensor]:
-    """Read a LOCAL ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` weights file (tensors only) on CPU."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    return dict(_unwrap(torch.load(path, map_location="cpu", weights_only=True)))

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from model.backbone import Backbone, build_backbone
 from model.config import ModelConfig
-from model.criterion import LossConfig, SetCriterion, build_weight_dict
+from model.criterion import LossConfig, SetCriterion
 from model.matcher import HungarianMatcher, MatcherConfig
 from model.msda_dispatch import set_backend
 from model.pixel_decoder import PixelDecoder
@@ -51,7 +51,6 @@ class MaskDINO(nn.Module):
                                            cfg.pixel_decoder.mask_dim, cfg.pixel_decoder.total_num_feature_levels)
         losses = loss_config(cfg)
         self.criterion = SetCriterion(losses, HungarianMatcher(matcher_config(cfg)))
-        self.weight_dict = build_weight_dict(losses)
         # Not persistent: official checkpoints do not carry them either.
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False)
@@ -98,7 +97,8 @@ class MaskDINO(nn.Module):
             num_masks = max(float(sum(len(t) for t in targets)), 1.0)
         head, _ = self.forward_features(batch, targets)
         raw = self.criterion(head, targets, num_masks)
-        return {k: v * self.weight_dict[k] for k, v in raw.items() if k in self.weight_dict}
+        weights = self.criterion.weight_dict
+        return {k: v * weights[k] for k, v in raw.items() if k in weights}
 
     @staticmethod
     def _pad_target(t: Targets, padded_hw: torch.Size) -> Targets:

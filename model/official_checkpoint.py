@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from model.backbone import official_backbone_key
+from model.weights_file import CheckpointError, read_state_dict
 
 _BOX_ALIAS = re.compile(r"^sem_seg_head\.predictor\.(?:decoder\.)?bbox_embed\.\d+\.(.+)$")
 _NORM_ALIAS = re.compile(r"^sem_seg_head\.predictor\.decoder\.norm\.(.+)$")
@@ -37,10 +38,6 @@ _RENAMES = [
 _RECOMPUTED = re.compile(r"(^|\.)relative_position_index$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the key and what to do."""
-
-
 @dataclass
 class Conversion:
     """Result of mapping an official state dict to our names."""
@@ -49,27 +46,6 @@ class Conversion:
     aliases_resolved: int = 0
     recomputed: list[str] = field(default_factory=list)  # official buffers we rebuild instead of loading
     unmatched: list[str] = field(default_factory=list)  # official keys with no counterpart here
-
-
-def read_official_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of an official `.pth` (dict with "model", or a bare state_dict). Never unpickles
-    arbitrary objects: detectron2 `.pkl` files must be converted to `.pth` first."""
-    path = Path(path)
-    if path.suffix == ".pkl":
-        raise CheckpointError(f"{path}: .pkl checkpoints need an unrestricted unpickle; convert it to a .pth "
-                              "state_dict with detectron2 (torch.save(ckpt['model'], 'x.pth')) and pass that")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(path)))
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError or RuntimeError; both mean the same to the user
-        raise CheckpointError(f"{path}: not a weights-only torch checkpoint ({str(exc).splitlines()[0]})") from exc
-    state = obj.get("model", obj) if isinstance(obj, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state_dict or a dict with a 'model' state_dict")
-    return dict(state)
 
 
 def _rename(key: str) -> str | None:
@@ -135,15 +111,9 @@ class LoadReport:
                 f"{self.aliases_resolved} aliased copies resolved, {self.recomputed} buffers recomputed")
 
 
-def load_official_weights(model: nn.Module, official: Mapping[str, Tensor] | str | Path,
-                          strict: bool = True) -> LoadReport:
-    """Load an official state dict (or file) into our model.
-
-    Shape mismatches always fail, naming the key and both shapes. With strict=True any missing or
-    unmatched key fails too (listing the first few)."""
-    state = read_official_state_dict(official) if isinstance(official, (str, Path)) else official
-    conv = convert_official_state_dict(state)
-    ours = model.state_dict()
+def check_against(conv: Conversion, ours: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
+    """Compare a conversion with our model's state dict: raises on a shape mismatch (naming the key and
+    both shapes); returns (our keys missing from the checkpoint, checkpoint keys without a place here)."""
     for key, value in conv.state_dict.items():
         if key in ours and tuple(ours[key].shape) != tuple(value.shape):
             raise CheckpointError(f"shape mismatch for {key}: checkpoint {tuple(value.shape)} vs model "
@@ -151,6 +121,19 @@ def load_official_weights(model: nn.Module, official: Mapping[str, Tensor] | str
                                   "num_queries and the backbone)")
     unmatched = conv.unmatched + [k for k in conv.state_dict if k not in ours]
     missing = [k for k in ours if k not in conv.state_dict]
+    return missing, unmatched
+
+
+def load_official_weights(model: nn.Module, official: Mapping[str, Tensor] | str | Path,
+                          strict: bool = True) -> LoadReport:
+    """Load an official state dict (or file) into our model.
+
+    Shape mismatches always fail, naming the key and both shapes. With strict=True any missing or
+    unmatched key fails too (listing the first few)."""
+    state = read_state_dict(official) if isinstance(official, (str, Path)) else official
+    conv = convert_official_state_dict(state)
+    ours = model.state_dict()
+    missing, unmatched = check_against(conv, ours)
     report = LoadReport(missing, unmatched, conv.aliases_resolved, len(conv.recomputed))
     if strict and (missing or unmatched):
         raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}"

@@ -100,8 +100,7 @@ def instance_inference(
     labels = topk_indices % num_classes
     query = topk_indices // num_classes
     if cfg.panoptic_on and thing_classes is not None:
-        is_thing = [int(lab) in thing_classes for lab in labels.tolist()]
-        keep = torch.tensor(is_thing, dtype=torch.bool, device=labels.device)
+        keep = torch.isin(labels, torch.tensor(sorted(thing_classes), dtype=labels.dtype, device=labels.device))
         scores_per_image, labels, query = scores_per_image[keep], labels[keep], query[keep]
     masks = mask_logits[query]
     binary = (masks > 0).to(masks.dtype)

@@ -112,9 +112,8 @@ class MaskDINOPredictor(nn.Module):
         return torch.cat(flat, 1), shapes
 
     def _two_stage_queries(self, memory: Tensor, shapes: list[tuple[int, int]], mask_features: Tensor
-                           ) -> tuple[Tensor, Tensor, Predictions, Tensor]:
-        """-> content queries [B, Q, C], anchors (unsigmoided) [B, Q, 4], interm predictions and the selected
-        memory indices [B, Q]."""
+                           ) -> tuple[Tensor, Tensor, Predictions]:
+        """-> content queries [B, Q, C], anchors (unsigmoided) [B, Q, 4] and the interm predictions."""
         out_memory, proposals = encoder_proposals(memory, shapes, self.cfg.proposal_size_by_level)
         out_memory = self.enc_output_norm(self.enc_output(out_memory))
         enc_class = self.class_embed(out_memory)
@@ -130,7 +129,7 @@ class MaskDINOPredictor(nn.Module):
         anchors = anchors_undetached.detach()
         if self.cfg.initialize_box_type != "no":
             anchors = mask_enhanced_anchors(masks, self.cfg.initialize_box_type)
-        return tgt, anchors, interm, topk
+        return tgt, anchors, interm
 
     def forward(self, multi_scale: list[Tensor], mask_features: Tensor,
                 targets: list[Targets] | None = None) -> HeadOutput:
@@ -142,7 +141,7 @@ class MaskDINOPredictor(nn.Module):
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         interm = None
         if self.cfg.two_stage:
-            tgt, anchors, interm, _ = self._two_stage_queries(memory, shapes, mask_features)
+            tgt, anchors, interm = self._two_stage_queries(memory, shapes, mask_features)
         else:
             tgt = self.query_feat.weight[None].expand(batch, -1, -1)
             anchors = self.query_embed.weight[None].expand(batch, -1, -1)

@@ -18,7 +18,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data_prep.shard import StrictRejectError
     from data_prep.sources import SourceError
     from data_prep.storage import StorageError
-    from model.official_checkpoint import CheckpointError
+    from model.weights_file import CheckpointError
 
     return (ConfigError, SourceError, StorageError, StrictRejectError, CheckpointError)
 

@@ -4,7 +4,6 @@ or s3:// path), describe it (`maskdino model-info`) and convert official checkpo
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +22,11 @@ def read_weights(uri: str, storage=None) -> dict[str, torch.Tensor]:
     """A state dict from a local path or s3:// URI (.safetensors or a weights-only torch file).
     `storage` (a data_prep Storage) says how to reach S3; default: endpoint/credentials from the environment."""
     from data_prep.storage import Storage, StorageConfig, is_s3
+    from model.weights_file import read_state_dict
 
     if not is_s3(uri):
-        from model.backbone import read_state_dict_file
-
-        return read_state_dict_file(uri)
-    data = (storage or Storage(StorageConfig())).read_bytes(uri)
-    if uri.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-
-        return dict(load_safetensors(data))
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return dict(obj.get("model", obj.get("state_dict", obj)))
+        return read_state_dict(uri)
+    return read_state_dict((storage or Storage(StorageConfig())).read_bytes(uri), name=uri)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", storage=None):
@@ -122,13 +114,10 @@ def convert_checkpoint(in_path: str, out_path: str, cfg: ModelConfig | None = No
     (a mismatch names the key and both shapes) and missing keys are reported."""
     from safetensors.torch import save_file
 
-    from model.official_checkpoint import (
-        CheckpointError,
-        convert_official_state_dict,
-        read_official_state_dict,
-    )
+    from model.official_checkpoint import check_against, convert_official_state_dict
+    from model.weights_file import read_state_dict
 
-    conv = convert_official_state_dict(read_official_state_dict(in_path))
+    conv = convert_official_state_dict(read_state_dict(in_path))
     missing: list[str] = []
     unmatched = list(conv.unmatched)
     if cfg is not None:
@@ -136,13 +125,7 @@ def convert_checkpoint(in_path: str, out_path: str, cfg: ModelConfig | None = No
 
         with torch.device("meta"):
             ours = MaskDINO(cfg).state_dict()
-        for key, value in conv.state_dict.items():
-            if key not in ours:
-                unmatched.append(key)
-            elif tuple(ours[key].shape) != tuple(value.shape):
-                raise CheckpointError(f"shape mismatch for {key}: checkpoint {tuple(value.shape)} vs model "
-                                      f"{tuple(ours[key].shape)} (is {cfg!r:.0} the config of this checkpoint?)")
-        missing = [k for k in ours if k not in conv.state_dict]
+        missing, unmatched = check_against(conv, ours)
     tensors = {k: v.detach().contiguous() for k, v in conv.state_dict.items()}
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out_path, metadata={"format": "maskdino-pipeline", "source": Path(in_path).name})

@@ -17,9 +17,9 @@ from model.backbone import (
     build_backbone,
     load_pretrained_backbone,
     official_backbone_key,
-    read_state_dict_file,
     relative_position_index_matches,
 )
+from model.weights_file import read_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SWIN_SMALL = FIXTURES / "parity" / "swin_small"
@@ -281,7 +281,7 @@ def test_load_pretrained_unknown_key_raises() -> None:
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_read_state_dict_file(tmp_path: Path, suffix: str) -> None:
+def test_read_state_dict(tmp_path: Path, suffix: str) -> None:
     state = {"a.weight": torch.randn(3, 2), "b": torch.arange(4)}
     path = tmp_path / f"w{suffix}"
     if suffix == ".safetensors":
@@ -290,5 +290,5 @@ def test_read_state_dict_file(tmp_path: Path, suffix: str) -> None:
         save_file(state, str(path))
     else:
         torch.save({"model": state}, path)  # nested under "model", as detectron2/fvcore save
-    loaded = read_state_dict_file(str(path))
+    loaded = read_state_dict(str(path))
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)

@@ -8,16 +8,19 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS = {"data_prep", "model", "pipeline", "orchestration", "csrc"}
 
 
-def _imports(package: str) -> dict[str, set[str]]:
+def _imports(package: str, dotted: bool = False) -> dict[str, set[str]]:
+    """Per file, the top-level packages it imports; with dotted=True the full module names instead
+    (`import a.b` -> a.b; `from a.b import c` -> a.b and a.b.c)."""
     found: dict[str, set[str]] = {}
     for path in (ROOT / package).rglob("*.py"):
         names: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
-                names.update(a.name.split(".")[0] for a in node.names)
+                names.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-        found[str(path.relative_to(ROOT))] = names
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+        found[str(path.relative_to(ROOT))] = names if dotted else {n.split(".")[0] for n in names}
     return found
 
 
@@ -56,27 +59,12 @@ def test_sharding_does_not_import_torch():
     assert out.stdout.strip() == "[]"
 
 
-def _full_imports(package: str) -> dict[str, set[str]]:
-    """Dotted module names imported anywhere in a package (`import a.b`, `from a.b import c` -> a.b, a.b.c)."""
-    found: dict[str, set[str]] = {}
-    for path in (ROOT / package).rglob("*.py"):
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module)
-                names.update(f"{node.module}.{a.name}" for a in node.names)
-        found[str(path.relative_to(ROOT))] = names
-    return found
-
-
 FORBIDDEN_IN_MODEL = ("deepspeed", "ray", "mlflow", "boto3", "botocore", "webdataset", "torch.distributed")
 
 
 def test_model_has_no_distributed_or_storage_imports():
     """model/ is single-device PyTorch: parallelism and storage are applied from outside."""
-    for path, names in _full_imports("model").items():
+    for path, names in _imports("model", dotted=True).items():
         bad = sorted(n for n in names for f in FORBIDDEN_IN_MODEL if n == f or n.startswith(f + "."))
         assert not bad, f"{path} imports {bad}"
 

@@ -12,12 +12,8 @@ import pytest
 import torch
 
 from model.maskdino import MaskDINO
-from model.official_checkpoint import (
-    CheckpointError,
-    convert_official_state_dict,
-    load_official_weights,
-    read_official_state_dict,
-)
+from model.official_checkpoint import convert_official_state_dict, load_official_weights
+from model.weights_file import CheckpointError, read_state_dict
 from pipeline.cli import main
 from pipeline.model_tools import load_model_config, model_info
 from tests.parity_fixtures import build_fixture_model, load_fixture, model_config
@@ -137,9 +133,9 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     with open(path, "wb") as f:
         pickle.dump({"model": {"w": np.zeros(2)}, "x": _Payload()}, f)
     with pytest.raises(CheckpointError, match="not a weights-only torch checkpoint"):
-        read_official_state_dict(path)
+        read_state_dict(path)
     with pytest.raises(CheckpointError, match=r"\.pkl checkpoints need an unrestricted unpickle"):
-        read_official_state_dict(tmp_path / "R-50.pkl")
+        read_state_dict(tmp_path / "R-50.pkl")
 
 
 def test_convert_checkpoint_cli_reports_a_wrong_config_in_one_line(official_pth, tmp_path, capsys):
