@@ -51,6 +51,9 @@ class MaskDINO(nn.Module):
                                            cfg.pixel_decoder.mask_dim, cfg.pixel_decoder.total_num_feature_levels)
         losses = loss_config(cfg)
         self.criterion = SetCriterion(losses, HungarianMatcher(matcher_config(cfg)))
+        # Post-processing must read the class logits the way they were trained (softmax CE with a no-object
+        # column, or sigmoid focal): that follows the decoder, whatever the inference section says.
+        self.inference_cfg = replace(cfg.inference, semantic_ce_loss=cfg.decoder.semantic_ce_loss)
         # Not persistent: official checkpoints do not carry them either.
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False)
@@ -118,7 +121,7 @@ class MaskDINO(nn.Module):
         thing = set(self.cfg.thing_classes) if self.cfg.thing_classes else None
         return [
             postprocess_image(head.final.logits[i], head.final.masks[i], head.final.boxes[i], padded, sizes[i],
-                              outs[i], self.cfg.inference, thing)
+                              outs[i], self.inference_cfg, thing)
             for i in range(len(images))
         ]
 

@@ -33,7 +33,8 @@ class InferenceConfig:
 
     sem_seg_postprocess_before_inference: None -> official rule (True iff instance_on or panoptic_on);
     False with instance_on/panoptic_on is rejected, since those results must be at the original size.
-    semantic_ce_loss: the model was trained with softmax CE (K+1 logits, last = no object).
+    semantic_ce_loss: the model was trained with softmax CE (K+1 logits, last = no object); inside a
+    MaskDINO it is taken from decoder.semantic_ce_loss.
     """
 
     instance_on: bool = True

@@ -131,3 +131,23 @@ def test_decoupled_box_prediction_drops_stuff_box_loss_and_matching_cost(shapes)
     losses = decoupled.train()([image], [stuff_only])
     assert float(losses["loss_bbox"].detach()) == 0.0 and float(losses["loss_giou"].detach()) == 0.0
     assert float(losses["loss_mask"].detach()) > 0.0
+
+
+def test_semantic_postprocessing_reads_logits_as_trained(shapes):
+    """A CE-trained semantic config (decoder.semantic_ce_loss) post-processes with softmax over K+1 logits
+    even though its inference section does not repeat the flag."""
+    from model.postprocess import postprocess_image
+
+    model = tiny("semantic").eval()
+    assert model.cfg.decoder.semantic_ce_loss and not model.cfg.inference.semantic_ce_loss
+    image = shapes[0][0]
+    result = model.predict([image])[0]
+    batch, sizes = model.preprocess([image])
+    with torch.no_grad():
+        head, _ = model.forward_features(batch)
+    expected = postprocess_image(head.final.logits[0], head.final.masks[0], head.final.boxes[0], (96, 96),
+                                 sizes[0], sizes[0], model.inference_cfg)
+    assert model.inference_cfg.semantic_ce_loss
+    assert torch.allclose(result.semantic.probabilities, expected.semantic.probabilities)
+    # K = 2 classes: the no-object column is dropped (focal post-processing would give K + 1 = 3 maps)
+    assert result.semantic.probabilities.shape[0] == 2
