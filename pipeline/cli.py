@@ -19,8 +19,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data_prep.sources import SourceError
     from data_prep.storage import StorageError
     from model.weights_file import CheckpointError
+    from pipeline.evaluators import EvalInputError
+    from pipeline.metrics.coco import CocoEvalError
+    from pipeline.metrics.panoptic import PanopticError
+    from pipeline.metrics.semantic import SemanticError
+    from pipeline.predict import PredictInputError
 
-    return (ConfigError, SourceError, StorageError, StrictRejectError, CheckpointError)
+    return (ConfigError, SourceError, StorageError, StrictRejectError, CheckpointError, EvalInputError,
+            CocoEvalError, PanopticError, SemanticError, PredictInputError)
 
 
 # ---------------------------------------------------------------- make-synthetic
@@ -174,8 +180,164 @@ def _run_convert_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- metrics
+def _add_metrics(sub) -> None:
+    p = sub.add_parser("metrics", help="score prediction files in the standard formats (from any codebase); "
+                                       "prints one JSON object")
+    kinds = p.add_subparsers(dest="metric", metavar="METRIC", required=True)
+    pq = kinds.add_parser("pq", help="panoptic quality: COCO panoptic JSON + PNG folders (panopticapi rules)")
+    pq.add_argument("--gt-json", required=True)
+    pq.add_argument("--gt-folder", required=True)
+    pq.add_argument("--pred-json", required=True)
+    pq.add_argument("--pred-folder", required=True)
+    pq.add_argument("--workers", type=int, default=2, help="images scored at once (threads)")
+    pq.set_defaults(run=_run_metrics_pq)
+    miou = kinds.add_parser("miou", help="mIoU, fwIoU, mACC, pACC of label-map PNGs matched by file name "
+                                         "(detectron2 convention, 255 = ignore)")
+    miou.add_argument("--gt-folder", required=True)
+    miou.add_argument("--pred-folder", required=True)
+    miou.add_argument("--num-classes", type=int, required=True)
+    miou.add_argument("--reduce-zero-label", action="store_true",
+                      help="ADE20K format: 0 = other (ignored), classes 1..K become 0..K-1, in both folders")
+    miou.add_argument("--class-names", default="", help="text file with one class name per line (optional)")
+    miou.set_defaults(run=_run_metrics_miou)
+    cc = kinds.add_parser("coco", help="COCO box or mask AP through pycocotools COCOeval")
+    cc.add_argument("--gt-json", required=True, help="COCO instances JSON")
+    cc.add_argument("--results", required=True, help="COCO results JSON (a list of detections)")
+    cc.add_argument("--iou-type", choices=("bbox", "segm"), default="bbox")
+    cc.set_defaults(run=_run_metrics_coco)
+
+
+def _print_json(report: dict) -> None:
+    import json
+
+    print(json.dumps(report, indent=None, sort_keys=False))
+
+
+def _run_metrics_pq(args: argparse.Namespace) -> int:
+    from pipeline.metrics.panoptic import evaluate_panoptic_folders
+
+    report = evaluate_panoptic_folders(args.gt_json, args.gt_folder, args.pred_json, args.pred_folder,
+                                       workers=args.workers, progress=True)
+    _print_json(report.to_json())
+    return 0
+
+
+def _run_metrics_miou(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.metrics.semantic import evaluate_semantic_folders
+
+    names = None
+    if args.class_names:
+        names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
+        if len(names) != args.num_classes:
+            raise ConfigError(f"--class-names {args.class_names} has {len(names)} names for --num-classes "
+                              f"{args.num_classes}")
+    report = evaluate_semantic_folders(args.gt_folder, args.pred_folder, args.num_classes,
+                                       reduce_zero_label=args.reduce_zero_label, class_names=names, progress=True)
+    _print_json(report.to_json())
+    return 0
+
+
+def _run_metrics_coco(args: argparse.Namespace) -> int:
+    from pipeline.metrics.coco import evaluate_coco_files
+
+    report = evaluate_coco_files(args.gt_json, args.results, args.iou_type)
+    _print_json(report.to_json())
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate / predict
+def _add_model_args(p) -> None:
+    p.add_argument("--model", default="", help="model bundle folder (local or s3://) with config.yaml, "
+                                               "model.safetensors and categories.json")
+    p.add_argument("--config", default="", help="model config YAML, instead of --model")
+    p.add_argument("--weights", default="", help="with --config: .safetensors (ours) or the authors' .pth")
+    p.add_argument("--categories", default="", help="with --config: categories.json for class names/ids")
+    p.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="key=value",
+                   help="model config override, e.g. --set inference.test_topk_per_image=50 (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--storage", dest="storage_overrides", action="append", default=[], metavar="key=value",
+                   help="storage setting, e.g. --storage endpoint_url=http://127.0.0.1:9000 (repeatable)")
+
+
+def _storage(args: argparse.Namespace):
+    from data_prep.storage import Storage, StorageConfig
+
+    return Storage(load_config(StorageConfig, None, args.storage_overrides))
+
+
+def _bundle(args: argparse.Namespace, storage):
+    from pipeline.model_bundle import open_bundle
+
+    return open_bundle(storage, model=args.model, config=args.config, weights=args.weights,
+                       categories=args.categories, overrides=args.model_overrides)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a model on a shard manifest: COCO AP, PQ or mIoU by the "
+                                        "manifest's task; writes report.json and per_class.md")
+    p.add_argument("manifest", help="manifest.json of the evaluation split (local or s3://)")
+    p.add_argument("--output", required=True, help="folder for report.json, per_class.md (local or s3://)")
+    _add_model_args(p)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--min-size", type=int, default=-1, help="test-time short side (default: the dataset's "
+                                                           "official value; 0 = no resize)")
+    p.add_argument("--max-size", type=int, default=-1)
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.distributed import init_from_env
+    from pipeline.evaluate import EvalSettings, evaluate, write_report
+
+    storage = _storage(args)
+    bundle = _bundle(args, storage)
+    init_from_env()  # under torchrun / the deepspeed launcher: one rank per process
+    settings = EvalSettings(batch_size=args.batch_size, min_size=args.min_size, max_size=args.max_size,
+                            limit=args.limit, device=args.device)
+    out = evaluate(bundle, args.manifest, storage, settings)
+    if out is None:  # not rank 0
+        return 0
+    report, task_report = out
+    written = write_report(storage, args.output, report, task_report)
+    print(task_report.table)
+    print(f"{report.headline()}; wrote {', '.join(written)}")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="run a model on images and draw boxes, masks, panoptic and semantic "
+                                       "colours with class names as PNGs")
+    p.add_argument("images", nargs="+", help="image files (local or s3://)")
+    p.add_argument("--output", default="predictions", help="folder for the pictures (default: predictions)")
+    _add_model_args(p)
+    p.add_argument("--score-threshold", type=float, default=0.5, help="instances drawn from this score up")
+    p.add_argument("--min-size", type=int, default=800, help="test-time short side (0 = keep)")
+    p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--kinds", default="instances,panoptic,semantic", help="pictures to draw (comma-separated)")
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import PredictSettings, predict_images
+
+    storage = _storage(args)
+    bundle = _bundle(args, storage)
+    settings = PredictSettings(output=args.output, score_threshold=args.score_threshold, min_size=args.min_size,
+                               max_size=args.max_size, device=args.device,
+                               kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()))
+    written = predict_images(bundle, args.images, storage, settings)
+    for uri in written:
+        print(uri)
+    print(f"Drew {len(written)} pictures for {len(args.images)} images with {bundle.source} into {args.output}.")
+    return 0
+
+
 SUBCOMMANDS: tuple[Callable, ...] = (_add_make_synthetic, _add_shard, _add_verify, _add_model_info,
-                                     _add_convert_checkpoint)
+                                     _add_convert_checkpoint, _add_metrics, _add_evaluate, _add_predict)
 
 
 def build_parser() -> argparse.ArgumentParser:
