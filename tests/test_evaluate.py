@@ -60,6 +60,18 @@ def ade_shards(tmp_path_factory) -> str:
     return str(out / "manifest.json")
 
 
+@pytest.fixture(scope="module")
+def detection_shards(tmp_path_factory) -> str:
+    """Synthetic Objects365 v1 (boxes only), the detection-pretraining layout."""
+    from data_prep.synthetic import SyntheticSpec, make_synthetic
+
+    raw, out = tmp_path_factory.mktemp("o365raw"), tmp_path_factory.mktemp("o365")
+    make_synthetic(raw, SyntheticSpec(train_images=1, val_images=5, min_size=96, max_size=128,
+                                      formats=("objects365_v1",)))
+    run_shard(out, format="objects365", root=str(raw / "objects365_v1"), split="val", version="v1")
+    return str(out / "manifest.json")
+
+
 # ---------------------------------------------------------------- oracle predictors
 def _image_key(image: np.ndarray) -> str:
     return hashlib.sha1(image.tobytes()).hexdigest()
@@ -83,6 +95,16 @@ def _instance_answer(sample, contiguous, perturb) -> ImageResult:
     return ImageResult(instances=InstanceResult(
         scores=torch.linspace(1.0, 0.5, len(anns)), classes=torch.tensor([contiguous[a["category_id"]] for a in anns]),
         boxes=boxes, masks=torch.from_numpy(masks), query_index=torch.arange(len(anns))))
+
+
+def _box_answer(sample, contiguous, perturb) -> ImageResult:
+    anns = [a for a in sample.meta["annotations"] if not a["iscrowd"]]
+    h, w = sample.image.shape[:2]
+    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    return ImageResult(instances=InstanceResult(
+        scores=torch.ones(len(anns)), classes=torch.tensor([contiguous[a["category_id"]] for a in anns]),
+        boxes=boxes + perturb, masks=torch.zeros(len(anns), h, w, dtype=torch.bool),
+        query_index=torch.arange(len(anns))))
 
 
 def _panoptic_answer(sample, contiguous, perturb) -> ImageResult:
@@ -113,6 +135,13 @@ def test_instance_ground_truth_through_evaluate_gives_ap_1(instance_shards):
     assert report.primary() == ("mask AP", 1.0)
     gt = json.loads(task.files["coco_ground_truth.json"])
     assert [a["id"] for a in gt["annotations"]] == list(range(1, 51))  # the fixture's id 0 is not kept
+
+
+def test_detection_manifest_scores_boxes_only(detection_shards):
+    report, _ = evaluate_predictor(_oracle(detection_shards, _box_answer), detection_shards, Storage(), SETTINGS)
+    assert report.task == "detection" and set(report.metrics) == {"bbox"}
+    assert report.metrics["bbox"]["AP"] == 1.0
+    assert report.primary() == ("box AP", 1.0)
 
 
 def test_panoptic_ground_truth_through_evaluate_gives_pq_100(panoptic_shards):

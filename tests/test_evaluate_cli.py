@@ -142,3 +142,44 @@ def test_user_errors_are_one_line_with_exit_code_2(argv, message, instance_bundl
     assert main([a.format(**names) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
+
+
+def test_config_and_authors_pth_weights_load_through_the_adapter(tmp_path):
+    """--config C --weights W accepts the authors' checkpoint format: keys recognised and converted."""
+    from pipeline.config import dump_config
+    from tests.parity_fixtures import build_fixture_model, load_fixture, model_config
+
+    fx = load_fixture("swin_small")
+    (tmp_path / "model.yaml").write_text(dump_config(model_config(fx)))
+    torch.save({"model": fx.weights}, tmp_path / "model_final.pth")
+    storage = Storage()
+    bundle = open_bundle(storage, config=str(tmp_path / "model.yaml"), weights=str(tmp_path / "model_final.pth"))
+    loaded = build_bundle_model(bundle, storage).state_dict()
+    expected = build_fixture_model(fx).state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert bundle.class_names()[0] == "class 0"  # no categories given: numbered names
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_metrics_pq_scores_the_panopticapi_fixture_against_itself(capsys):
+    gt_json, gt_folder = PANOPTIC / "panoptic_examples.json", PANOPTIC / "panoptic_examples"
+    assert main(["metrics", "pq", "--gt-json", str(gt_json), "--gt-folder", str(gt_folder),
+                 "--pred-json", str(gt_json), "--pred-folder", str(gt_folder)]) == 0
+    report = _last_json(capsys)
+    for group in ("All", "Things", "Stuff"):
+        assert {k: report[group][k] for k in ("pq", "sq", "rq")} == {"pq": 1.0, "sq": 1.0, "rq": 1.0}
+    assert report["All"]["n"] == report["Things"]["n"] + report["Stuff"]["n"] > 0
+    assert len(report["per_class"]) == 133
+
+
+def test_metrics_miou_scores_the_ade_fixture_predictions(capsys):
+    assert main(["metrics", "miou", "--gt-folder", str(ADE / "sampleData" / "annotations"),
+                 "--pred-folder", str(ADE / "sampleData" / "predictions"), "--num-classes", "150",
+                 "--reduce-zero-label"]) == 0
+    report = _last_json(capsys)
+    assert report["mIoU"] == report["mACC"] == report["pACC"] == 100.0
+    assert report["fwIoU"] == pytest.approx(100.0, abs=1e-9)
