@@ -41,6 +41,18 @@ class EvalInputError(ValueError):
     """The model's outputs do not fit the dataset's task (e.g. no instance head for a COCO manifest)."""
 
 
+def _needs(sample: EvalSample, part: object, what: str, label: bool = False) -> bool:
+    """False for padding samples (skipped); raises when the model or the sample lacks what the task needs."""
+    if sample.is_padding:
+        return False
+    if part is None:
+        raise EvalInputError(f"the model produces no {what} results; enable inference.{what}_on to evaluate "
+                             "it on this manifest")
+    if label and sample.label_png is None:
+        raise EvalInputError(f"sample {sample.key} has no label PNG, which {what} evaluation needs")
+    return True
+
+
 def _decode_png(data: bytes, mode: str | None = None) -> np.ndarray:
     image = Image.open(io.BytesIO(data))
     return np.asarray(image.convert(mode) if mode else image)
@@ -60,11 +72,8 @@ class InstanceEvaluator:
         self.results: list[dict[str, Any]] = []
 
     def process(self, sample: EvalSample, result: ImageResult) -> None:
-        if sample.is_padding:
+        if not _needs(sample, result.instances, "instance"):
             return
-        if result.instances is None:
-            raise EvalInputError("the model produces no instance results; enable inference.instance_on for "
-                                 "an instance/detection manifest")
         meta = sample.meta
         self.images.append({"id": meta["image_id"], "width": meta["width"], "height": meta["height"],
                             "file_name": meta.get("file_name", sample.key)})
@@ -103,18 +112,13 @@ class PanopticEvaluator:
     """PQ on COCO panoptic shards: the shard's id PNG and segments against the model's segment map."""
 
     def __init__(self, manifest: Manifest):
-        self.categories = [panoptic.PanopticCategory(c.id, c.name, c.isthing) for c in manifest.categories]
+        self.categories = manifest.categories
         self.category_ids = [c.id for c in manifest.categories]
         self.stats = panoptic.PQStats.zeros(self.category_ids)
 
     def process(self, sample: EvalSample, result: ImageResult) -> None:
-        if sample.is_padding:
+        if not _needs(sample, result.panoptic, "panoptic", label=True):
             return
-        if result.panoptic is None:
-            raise EvalInputError("the model produces no panoptic results; enable inference.panoptic_on for a "
-                                 "panoptic manifest")
-        if sample.label_png is None:
-            raise EvalInputError(f"sample {sample.key} has no panoptic PNG")
         gt_ids = panoptic.rgb2id(_decode_png(sample.label_png, "RGB"))
         gt_segments = [panoptic.SegmentInfo(s["id"], s["category_id"], s["iscrowd"], s.get("area"))
                        for s in sample.meta["segments"]]
@@ -143,13 +147,8 @@ class SemanticEvaluator:
         self.confusion = np.zeros((k + 1, k + 1), np.int64)
 
     def process(self, sample: EvalSample, result: ImageResult) -> None:
-        if sample.is_padding:
+        if not _needs(sample, result.semantic, "semantic", label=True):
             return
-        if result.semantic is None:
-            raise EvalInputError("the model produces no semantic results; enable inference.semantic_on for a "
-                                 "semantic manifest")
-        if sample.label_png is None:
-            raise EvalInputError(f"sample {sample.key} has no label PNG")
         gt = _decode_png(sample.label_png)
         if self.reduce_zero_label:
             gt = semantic.reduce_zero_label(gt)

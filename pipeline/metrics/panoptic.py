@@ -37,6 +37,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from data_prep.records import (
+    Category as PanopticCategory,  # id, name, isthing: the manifest's own type
+)
+
 VOID = 0
 _MAX_ID = 256**3  # ids are 24-bit: R + 256 G + 256² B
 
@@ -71,13 +75,6 @@ def id2rgb(ids: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True)
-class PanopticCategory:
-    id: int
-    name: str
-    isthing: bool
 
 
 @dataclass(frozen=True)
