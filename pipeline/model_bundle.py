@@ -65,7 +65,7 @@ def save_bundle(storage: Storage, uri: str, cfg: ModelConfig, state_dict: Mappin
         storage.write_bytes(join(uri, CATEGORIES_NAME), json.dumps(payload, indent=1).encode())
 
 
-def _read_categories(storage: Storage, uri: str) -> list[Category]:
+def read_categories(storage: Storage, uri: str) -> list[Category]:
     try:
         return [Category(int(c["id"]), str(c["name"]), bool(c["isthing"]))
                 for c in json.loads(storage.read_bytes(uri))]
@@ -109,7 +109,7 @@ def open_bundle(storage: Storage, model: str = "", config: str = "", weights: st
     if not config:
         raise ConfigError("no model given: pass --model BUNDLE_FOLDER, or --config MODEL.yaml [--weights W]")
     cfg = load_model_config(_local_config_path(storage, config), overrides)
-    cats = _read_categories(storage, categories) if categories else None
+    cats = read_categories(storage, categories) if categories else None
     if cats is not None and len(cats) != cfg.num_classes:
         raise ConfigError(f"{categories} lists {len(cats)} categories but the model predicts num_classes="
                           f"{cfg.num_classes}")
