@@ -128,10 +128,11 @@ def _check_fits(bundle: ModelBundle, manifest: Manifest) -> None:
 
 
 def evaluate_predictor(predict: Predictor, manifest_uri: str, storage: Storage, settings: EvalSettings,
-                       model_name: str = "") -> tuple[EvalReport, TaskReport] | None:
+                       model_name: str = "", manifest: Manifest | None = None
+                       ) -> tuple[EvalReport, TaskReport] | None:
     """Evaluate any predictor on this rank's share; the report on rank 0, None on the others."""
     rank, world = rank_and_world()
-    manifest = load_manifest(storage, manifest_uri)
+    manifest = manifest or load_manifest(storage, manifest_uri)
     evaluator = make_evaluator(manifest)
     total = min(settings.limit, manifest.counts.samples) if settings.limit else manifest.counts.samples
     started = time.perf_counter()
@@ -160,7 +161,7 @@ def evaluate(bundle: ModelBundle, manifest_uri: str, storage: Storage, settings:
     model = build_bundle_model(bundle, storage, settings.device)
     min_size, max_size = _test_resize(manifest, settings)
     return evaluate_predictor(model_predictor(model, min_size, max_size), manifest_uri, storage, settings,
-                              bundle.source)
+                              bundle.source, manifest)
 
 
 def write_report(storage: Storage, output: str, report: EvalReport, task_report: TaskReport) -> list[str]:
