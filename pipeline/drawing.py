@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from model.structures import InstanceResult, PanopticResult
 
-__all__ = ["ALPHA", "color_for", "draw_instances", "draw_panoptic", "draw_semantic", "save_png"]
+__all__ = ["ALPHA", "color_for", "draw_instances", "draw_panoptic", "draw_semantic", "png_bytes", "save_png"]
 
 ALPHA = 0.5  # mask opacity
 MIN_LABEL_AREA_FRACTION = 0.001  # segments smaller than this share of the image get no label (clutter)
@@ -140,12 +141,20 @@ def draw_semantic(
     return _draw_regions(image, ids, colors, names, boundaries=False, largest_component=True)
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """An [H, W, 3] (or [H, W]) uint8 image encoded as PNG."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"PNG pictures need uint8 pixels, got {image.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def save_png(image: np.ndarray, path: str) -> None:
     """Write an [H, W, 3] (or [H, W]) uint8 image as PNG, creating the parent folder."""
-    if image.dtype != np.uint8:
-        raise ValueError(f"save_png expects uint8 pixels, got {image.dtype}")
+    data = png_bytes(image)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(image)).save(path, format="PNG")
+    Path(path).write_bytes(data)
 
 
 # --- regions (panoptic and semantic) ------------------------------------------------------------------

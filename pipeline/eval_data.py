@@ -66,12 +66,16 @@ def num_batches(num_samples: int, world_size: int, batch_size: int) -> int:
     return math.ceil(rank_share(num_samples, 0, world_size).per_rank / batch_size)
 
 
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image -> [H, W, 3] uint8 RGB. detectron2 reads images with PIL and applies the EXIF
+    orientation; shards keep the original bytes, so it is applied here."""
+    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+
+
 def decode_sample(members: dict[str, Any]) -> EvalSample:
     meta = json.loads(members["json"])
-    image_bytes = members[meta.get("image_member", "jpg")]
-    # detectron2 reads images with PIL and applies the EXIF orientation; shards keep the original bytes.
-    image = ImageOps.exif_transpose(Image.open(io.BytesIO(image_bytes))).convert("RGB")
-    return EvalSample(key=members["__key__"], image=np.asarray(image), meta=meta, label_png=members.get("png"))
+    image = decode_image(members[meta.get("image_member", "jpg")])
+    return EvalSample(key=members["__key__"], image=image, meta=meta, label_png=members.get("png"))
 
 
 def _iter_shard_members(storage: Storage, url: str) -> Iterator[dict[str, Any]]:

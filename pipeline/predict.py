@@ -6,18 +6,17 @@ local or s3://.
 """
 from __future__ import annotations
 
-import io
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from data_prep.storage import Storage, join
 from model.structures import ImageResult
-from pipeline.drawing import draw_instances, draw_panoptic, draw_semantic
+from pipeline.drawing import draw_instances, draw_panoptic, draw_semantic, png_bytes
+from pipeline.eval_data import decode_image
 from pipeline.evaluate import model_predictor
 from pipeline.model_bundle import ModelBundle, build_bundle_model
 
@@ -41,9 +40,9 @@ class PredictSettings:
 
 def read_image(storage: Storage, uri: str) -> np.ndarray:
     """[H, W, 3] uint8 RGB, EXIF orientation applied (as detectron2 reads images)."""
+    data = storage.read_bytes(uri)
     try:
-        image = Image.open(io.BytesIO(storage.read_bytes(uri)))
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        return decode_image(data)
     except OSError as exc:
         raise PredictInputError(f"{uri}: not a readable image ({exc})") from exc
 
@@ -59,12 +58,6 @@ def draw_result(image: np.ndarray, result: ImageResult, class_names: Sequence[st
     if "semantic" in settings.kinds and result.semantic is not None:
         pictures["semantic"] = draw_semantic(image, result.semantic.labels.cpu().numpy(), class_names)
     return pictures
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def predict_images(bundle: ModelBundle, images: Sequence[str], storage: Storage,
@@ -83,6 +76,6 @@ def predict_images(bundle: ModelBundle, images: Sequence[str], storage: Storage,
         stem = posixpath.splitext(posixpath.basename(uri))[0]
         for kind, picture in draw_result(image, result, names, settings).items():
             out = join(settings.output, f"{stem}.{kind}.png")
-            storage.write_bytes(out, _png_bytes(picture))
+            storage.write_bytes(out, png_bytes(picture))
             written.append(out)
     return written
