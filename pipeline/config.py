@@ -4,7 +4,8 @@ A *schema* is any tree of ``@dataclasses.dataclass`` classes (frozen or not); th
 nothing about particular schemas. A config is assembled from layers, lowest priority first:
 
 1. ``base``: embedded defaults passed by the caller as a plain nested dict (source ``"defaults"``);
-2. a YAML file, after resolving its ``_base_`` chain (source: the file's path);
+2. a YAML file, after resolving its ``_base_`` chain (source: the file's path); a nested mapping may
+   name ``_base_`` files too, loaded as that key's value (paths relative to the including file);
 3. ``key.sub=value`` overrides from the command line, in order (source ``"command line override"``).
 
 Layers are deep-merged: mappings merge key by key, while lists and scalars are replaced whole. A
@@ -229,10 +230,30 @@ def _load_file(path: str, chain: tuple[tuple[str, str], ...] = ()) -> _Node:
         names = [shown for _, shown in chain] + [path]
         raise ConfigError(f"{BASE_KEY} cycle: {' -> '.join(names)}")
     data = _read_yaml(path, chain[-1][1] if chain else None)
+    return _file_tree(data, path, chain + ((real, path),))
+
+
+def _file_tree(data: Any, path: str, chain: tuple[tuple[str, str], ...], key: str = "") -> _Node:
+    """The sourced tree of one file's data. A mapping at any depth may name ``_base_`` files: they
+    are loaded (with their own chains) as the value of that key, and the mapping merges on top, so
+    a run config can say ``model: {_base_: ../model/tiny_instance.yaml, num_classes: 3}``."""
+    if not isinstance(data, Mapping):
+        return _Leaf(data, path)
+    items = dict(data)
     merged: _Node = _Map({}, ())
-    for base in _base_paths(data, path):
-        merged = _merge(merged, _load_file(base, chain + ((real, path),)))
-    return _merge(merged, _to_tree(data, path))
+    if BASE_KEY in items:
+        for base in _base_paths(items, path):
+            merged = _merge(merged, _load_file(base, chain))
+    replace = items.pop(DELETE_KEY, False)
+    if not isinstance(replace, bool):
+        raise ConfigError(
+            f"key '{_join(key, DELETE_KEY)}' in {path} must be true or false; "
+            f"got {_describe_value(replace)}"
+        )
+    children = {k: _file_tree(v, path, chain, _join(key, k)) for k, v in items.items()}
+    tree = _merge(merged, _Map(children, (path,)))
+    # `_delete_` drops what the *enclosing* layers put here, not this mapping's own `_base_`.
+    return dataclasses.replace(tree, replace=True) if replace and isinstance(tree, _Map) else tree
 
 
 def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:

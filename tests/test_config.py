@@ -570,3 +570,40 @@ def test_paths_in_messages_are_as_given(tmp_path: pathlib.Path) -> None:
     finally:
         os.chdir(old)
     assert "key 'lr' in x.yaml must be float" in msg
+
+
+@dataclasses.dataclass
+class _Inner:
+    lr: float = 0.1
+    names: list[str] = dataclasses.field(default_factory=list)
+    depth: int = 1
+
+
+@dataclasses.dataclass
+class _Outer:
+    run: str = ""
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_nested_base_loads_a_file_as_one_key(tmp_path: pathlib.Path) -> None:
+    write(tmp_path / "model" / "root.yaml", "lr: 0.5\nnames: [a]\ndepth: 3\n")
+    write(tmp_path / "model" / "small.yaml", "_base_: root.yaml\ndepth: 2\n")
+    top = write(tmp_path / "train" / "run.yaml",
+                "run: r1\ninner:\n  _base_: ../model/small.yaml\n  lr: 0.25\n")
+    cfg = load_config(_Outer, top, ["inner.names=[b, c]"])
+    assert cfg == _Outer("r1", _Inner(lr=0.25, names=["b", "c"], depth=2))
+
+
+def test_nested_base_with_delete_drops_the_enclosing_layers_only(tmp_path: pathlib.Path) -> None:
+    write(tmp_path / "m.yaml", "lr: 0.5\n")
+    write(tmp_path / "parent.yaml", "inner: {depth: 7, names: [x]}\n")
+    top = write(tmp_path / "top.yaml", "_base_: parent.yaml\ninner: {_base_: m.yaml, _delete_: true}\n")
+    assert load_config(_Outer, top).inner == _Inner(lr=0.5)
+
+
+def test_nested_base_errors_name_the_key_and_file(tmp_path: pathlib.Path) -> None:
+    write(tmp_path / "m.yaml", "lr: 0.5\nwidth: 3\n")
+    msg = error_of(load_config, _Outer, write(tmp_path / "top.yaml", "inner: {_base_: m.yaml}\n"))
+    assert "inner.width" in msg and "m.yaml" in msg
+    write(tmp_path / "loop.yaml", "inner: {_base_: loop.yaml}\n")
+    assert "cycle" in error_of(load_config, _Outer, tmp_path / "loop.yaml")
