@@ -23,7 +23,8 @@ from data_prep.storage import Storage, join
 CHECKPOINTS_DIR = "checkpoints"
 MARKER_NAME = "COMPLETE.json"
 _STEP_DIR = re.compile(r"step_(\d{8})$")
-_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+# DeepSpeed's per-rank ZeRO partitions (`[bf16_]zero_pp_rank_<r>_...`) and the trainer's `rank_<r>.pt`.
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|^rank_(\d+)\.")
 
 
 class CheckpointPublishError(RuntimeError):
@@ -69,7 +70,7 @@ def files_of_rank(names: list[str], rank: int) -> list[str]:
     out = []
     for name in names:
         match = _RANK_FILE.search(name.rsplit("/", 1)[-1])
-        owner = int(match.group(1)) if match else 0
+        owner = int(match.group(1) or match.group(2)) if match else 0
         if owner == rank:
             out.append(name)
     return out

@@ -19,14 +19,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data_prep.sources import SourceError
     from data_prep.storage import StorageError
     from model.weights_file import CheckpointError
+    from pipeline.checkpoint import CheckpointPublishError
     from pipeline.evaluators import EvalInputError
+    from pipeline.loader import LoaderError
     from pipeline.metrics.coco import CocoEvalError
     from pipeline.metrics.panoptic import PanopticError
     from pipeline.metrics.semantic import SemanticError
     from pipeline.predict import PredictInputError
+    from pipeline.trainer import TrainError
+    from pipeline.transfer import TransferError
 
     return (ConfigError, SourceError, StorageError, StrictRejectError, CheckpointError, EvalInputError,
-            CocoEvalError, PanopticError, SemanticError, PredictInputError)
+            CocoEvalError, PanopticError, SemanticError, PredictInputError, TrainError, TransferError,
+            LoaderError, CheckpointPublishError)
 
 
 # ---------------------------------------------------------------- make-synthetic
@@ -336,8 +341,32 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train or fine-tune with DeepSpeed on a shard manifest; one process here, "
+                                     "several under torchrun / the deepspeed launcher with the same arguments")
+    p.add_argument("config", help="run config (configs/train/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. schedule.max_steps=100 "
+                                                                     "data.manifest=s3://bucket/shards/manifest.json")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pipeline.train_config import load_train_config
+    from pipeline.trainer import train
+
+    cfg = load_train_config(args.config, args.overrides)
+    result = train(cfg)
+    if result.rank == 0:
+        stats = result.loader_stats
+        print(f"trained {result.steps} steps into {result.run_dir}; last checkpoint "
+              f"{result.checkpoints[-1] if result.checkpoints else 'none'}; model {result.bundle or 'not exported'}; "
+              f"samples {stats.samples}, undecodable skipped {stats.skipped_undecodable}, "
+              f"shard retries {stats.shard_retries}, shards skipped {stats.shards_skipped}")
+    return 0
+
+
 SUBCOMMANDS: tuple[Callable, ...] = (_add_make_synthetic, _add_shard, _add_verify, _add_model_info,
-                                     _add_convert_checkpoint, _add_metrics, _add_evaluate, _add_predict)
+                                     _add_convert_checkpoint, _add_metrics, _add_evaluate, _add_predict, _add_train)
 
 
 def build_parser() -> argparse.ArgumentParser:

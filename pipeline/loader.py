@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, BinaryIO, Generic, NamedTuple, TypeVar
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
@@ -452,8 +453,11 @@ class TrainLoader(Generic[B]):
         workers = self.config.num_workers
         # batch_size=None: workers yield whole batches; the DataLoader takes them round-robin, in
         # order, so worker (j + rotation) % slots yields global batches b with b % slots == that slot.
+        # A private generator: DataLoader draws its base seed when iterated, and from torch's global RNG
+        # that would shift the model's noise (DN, point sampling) after a resume. Workers use our own rngs.
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
-                            prefetch_factor=self.config.prefetch_factor if workers else None, in_order=True)
+                            prefetch_factor=self.config.prefetch_factor if workers else None, in_order=True,
+                            generator=torch.Generator().manual_seed(self.seed))
         items = iter(loader)
         try:
             while True:
