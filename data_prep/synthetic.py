@@ -60,6 +60,14 @@ class SyntheticSpec:
     seed: int = 0
     formats: tuple[str, ...] = FORMATS
     jpeg_quality: int = 90
+    # Objects365 category list length: the 12 drawn classes, then ids 13..N that no box uses (real
+    # Objects365 lists 365, and a model pretrained on it has 365 class logits).
+    o365_categories: int = 12
+
+    def __post_init__(self) -> None:
+        if self.o365_categories < 12:
+            raise ValueError(f"o365_categories={self.o365_categories}: the synthetic Objects365 draws 12 classes, "
+                             "so it lists at least 12")
 
 
 @dataclass(frozen=True)
@@ -614,8 +622,9 @@ def _box_annotations(
     return anns
 
 
-def _o365_categories() -> list[dict[str, Any]]:
-    return [{"id": t.cat_id, "name": t.name} for t in _O365_THINGS]
+def _o365_categories(count: int) -> list[dict[str, Any]]:
+    drawn = [{"id": t.cat_id, "name": t.name} for t in _O365_THINGS]
+    return drawn + [{"id": k, "name": f"unused class {k}"} for k in range(len(drawn) + 1, count + 1)]
 
 
 def _write_o365_v1(root: Path, spec: SyntheticSpec, counter: _Counter) -> None:
@@ -630,7 +639,7 @@ def _write_o365_v1(root: Path, spec: SyntheticSpec, counter: _Counter) -> None:
             counter.image_written()
             images.append({"id": image_id, "file_name": name, "width": scene.size[0], "height": scene.size[1]})
             anns.extend(_box_annotations(scene, image_id, len(anns) + 1, None))
-        doc = {"images": images, "annotations": anns, "categories": _o365_categories()}
+        doc = {"images": images, "annotations": anns, "categories": _o365_categories(spec.o365_categories)}
         _write_json(base / "annotations" / f"objects365_{split}.json", doc)
         counter.annotations += len(anns)
 
@@ -658,8 +667,8 @@ def _with_duplicates(rng: np.random.Generator, anns: list[dict[str, Any]], n_ima
     return out
 
 
-def _shuffled_categories(rng: np.random.Generator) -> list[dict[str, Any]]:
-    cats = _o365_categories()
+def _shuffled_categories(rng: np.random.Generator, count: int) -> list[dict[str, Any]]:
+    cats = _o365_categories(count)
     order = rng.permutation(len(cats)).tolist()
     if order == sorted(order):  # guarantee the quirk: never sorted by id
         order.reverse()
@@ -669,7 +678,8 @@ def _shuffled_categories(rng: np.random.Generator) -> list[dict[str, Any]]:
 def _write_o365_v2(root: Path, spec: SyntheticSpec, counter: _Counter) -> None:
     base = root / "objects365_v2"
     opts = _SceneOptions(_O365_THINGS, max_things=6)
-    categories = _shuffled_categories(_rng(spec.seed, _STREAM_O365_V2, len(SPLITS), 0))  # one order for both splits
+    # one order for both splits
+    categories = _shuffled_categories(_rng(spec.seed, _STREAM_O365_V2, len(SPLITS), 0), spec.o365_categories)
     for split_idx, split in enumerate(SPLITS):
         split_rng = _rng(spec.seed, _STREAM_O365_V2, split_idx, 0)
         n = _split_sizes(spec)[split]

@@ -44,6 +44,8 @@ def _add_make_synthetic(sub) -> None:
     p.add_argument("--min-size", type=int, default=160, help="smallest image side (pixels)")
     p.add_argument("--max-size", type=int, default=320, help="largest image side (pixels)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--o365-categories", type=int, default=12, help="Objects365 category list length (12 drawn "
+                   "classes, the rest listed but unused; 365 as the real dataset)")
     p.add_argument("--formats", default="", help="comma-separated subset of: coco_instances, coco_panoptic, "
                                                   "ade20k, objects365_v1, objects365_v2 (default: all)")
     p.set_defaults(run=_run_make_synthetic)
@@ -61,7 +63,8 @@ def _run_make_synthetic(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--formats: unknown {unknown}; allowed: {', '.join(FORMATS)}")
     spec = SyntheticSpec(train_images=args.train_images, val_images=args.val_images, min_size=args.min_size,
-                         max_size=args.max_size, seed=args.seed, formats=formats)
+                         max_size=args.max_size, seed=args.seed, formats=formats,
+                         o365_categories=args.o365_categories)
     started = time.perf_counter()
     with tqdm(unit="images", desc="make-synthetic", disable=None) as bar:  # None: only on a terminal
         summary = make_synthetic(args.out, spec, progress=bar.update)

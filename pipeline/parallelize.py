@@ -152,16 +152,24 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, world_size: int) 
     }
 
 
+# Saved with every checkpoint so DeepSpeed's ds_to_universal can convert it for another world size.
+UNIVERSAL_CHECKPOINT_INFO = {"universal_checkpoint_version": 0.2}
+
+
 def build_engine(model: nn.Module, optim: OptimConfig, schedule: ScheduleConfig, engine: EngineConfig,
-                 world_size: int):
-    """(DeepSpeed engine, its optimizer, its LR scheduler). The process group must exist already."""
+                 world_size: int, load_universal: bool = False):
+    """(DeepSpeed engine, its optimizer, its LR scheduler). The process group must exist already.
+    load_universal: the checkpoint to be loaded is a universal one (written at another world size)."""
     import deepspeed
 
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, schedule)
+    config = deepspeed_config(engine, optim, world_size)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    model.universal_checkpoint_info = dict(UNIVERSAL_CHECKPOINT_INFO)
     ds_engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(engine, optim, world_size), dist_init_required=False)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False)
     return ds_engine, ds_optimizer, ds_scheduler
 
 

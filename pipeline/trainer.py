@@ -28,7 +28,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +93,23 @@ class ShardTransform:
                                self.contiguous_ids, self.aug, rng, sample.key)
 
 
+@dataclass
+class TrainBatch:
+    """One micro-batch: raw images [3, H, W] (0..255), their targets and shard sample keys."""
+
+    images: list[Tensor]
+    targets: list[Targets]
+    keys: list[str]
+
+
+def collate_batch(samples: list[TrainSample]) -> TrainBatch:
+    images, targets = collate(samples)
+    return TrainBatch(images, targets, [s.key for s in samples])
+
+
+OnBatch = Callable[[int, list[str]], None]
+
+
 def training_task(manifest: Manifest, cfg: TrainConfig) -> str:
     """The target builder a run uses: the manifest's task, or boxes only for a detection-only model."""
     if manifest.task == "instance" and not cfg.model.loss.mask_losses:
@@ -109,7 +126,11 @@ class Plan:
 
     manifest: Manifest
     resume_uri: str | None  # a complete checkpoint to resume from, or None to start afresh
-    resume_step: int
+    resume_marker: ckpt.CheckpointMarker | None = None
+
+    @property
+    def resume_step(self) -> int:
+        return self.resume_marker.step if self.resume_marker else 0
 
 
 def _fail(message: str) -> TrainError:
@@ -135,30 +156,48 @@ def preflight(cfg: TrainConfig, storage: Storage) -> Plan:
                     "model.loss.mask_losses=false")
     if manifest.task not in ("instance", "detection", "panoptic", "semantic"):
         raise _fail(f"{cfg.data.manifest}: task {manifest.task!r} cannot be trained")
-    resume_uri, resume_step = _resume_point(cfg, storage)
+    resume_uri, marker = _resume_point(cfg, storage)
+    if marker is not None:
+        _check_resumable(marker, resume_uri or "", cfg)
     if resume_uri is None and cfg.init_from:
         if not storage.exists(join(cfg.init_from, "model.safetensors")):
             raise _fail(f"init_from={cfg.init_from} is not a model bundle (no model.safetensors); point it at "
                         "a finished run's model/ folder")
-    return Plan(manifest, resume_uri, resume_step)
+    return Plan(manifest, resume_uri, marker)
 
 
-def _resume_point(cfg: TrainConfig, storage: Storage) -> tuple[str | None, int]:
+def _resume_point(cfg: TrainConfig, storage: Storage) -> tuple[str | None, ckpt.CheckpointMarker | None]:
     mode = cfg.resume_mode
     if mode == "uri":
-        marker = _readable_marker(storage, cfg.resume)
-        return cfg.resume, marker.step
+        return cfg.resume, _readable_marker(storage, cfg.resume)
     existing = ckpt.complete_checkpoints(storage, cfg.run_dir)
     if mode == "never":
         if existing:
             raise _fail(f"{cfg.run_dir} already has checkpoints (newest step {existing[-1][0]}) and resume=never; "
                         "use resume=auto to continue it or another run_dir to start afresh")
-        return None, 0
+        return None, None
     if not existing:
-        return None, 0
-    step, uri = existing[-1]
-    _readable_marker(storage, uri)
-    return uri, step
+        return None, None
+    _, uri = existing[-1]
+    return uri, _readable_marker(storage, uri)
+
+
+def _check_resumable(marker: ckpt.CheckpointMarker, uri: str, cfg: TrainConfig) -> None:
+    saved_stage = int(marker.meta.get("zero_stage", cfg.engine.zero_stage))
+    if (saved_stage == 0) != (cfg.engine.zero_stage == 0):
+        raise _fail(f"{uri} was saved with ZeRO stage {saved_stage} and this run uses stage "
+                    f"{cfg.engine.zero_stage}; DeepSpeed converts between stages 1-3 only: set "
+                    f"engine.zero_stage={saved_stage} or start afresh (resume=never)")
+    if marker.step >= cfg.schedule.max_steps:
+        raise _fail(f"{uri} is at step {marker.step}, not before schedule.max_steps={cfg.schedule.max_steps}: "
+                    "nothing to train; raise schedule.max_steps to continue the run")
+
+
+def needs_universal(marker: ckpt.CheckpointMarker, world_size: int, zero_stage: int) -> bool:
+    """ZeRO 1-3 partitions optimizer state by rank: another world size (or stage) loads through
+    DeepSpeed's universal checkpoint. Stage 0 keeps whole states and loads directly."""
+    saved_stage = int(marker.meta.get("zero_stage", zero_stage))
+    return zero_stage > 0 and (marker.world_size != world_size or saved_stage != zero_stage)
 
 
 def _readable_marker(storage: Storage, uri: str) -> ckpt.CheckpointMarker:
@@ -174,6 +213,18 @@ def _readable_marker(storage: Storage, uri: str) -> ckpt.CheckpointMarker:
     if not any(f.name.endswith(f"{STATE_DIR}/rank_0.pt") for f in marker.files):
         raise _fail(f"cannot resume from {uri}: it has no {STATE_DIR}/ files, so it was not written by this trainer")
     return marker
+
+
+def convert_to_universal(checkpoint_dir: str, output_dir: str) -> None:
+    """DeepSpeed's ds_to_universal, in this process (one worker: no process pool on small machines)."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    shutil.rmtree(output_dir, ignore_errors=True)
+    ds_to_universal(argparse.Namespace(input_folder=checkpoint_dir, output_folder=output_dir,
+                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                       strict=True, inject_missing_state=True))
 
 
 # --------------------------------------------------------------------------------------- process group
@@ -196,7 +247,9 @@ def init_process_group() -> tuple[int, int, bool]:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    return 0, 1, True
+    # Kept for the life of the process: DeepSpeed caches its process groups, so a second run in the same
+    # process (tests, notebooks) must find the same group alive.
+    return 0, 1, False
 
 
 def _device() -> torch.device:
@@ -247,18 +300,25 @@ class Trainer:
         cfg = self.cfg
         self.device = _device()
         self.local_root = self._local_root()
-        if self.logger is None:
-            self.logger = make_logger(cfg.run_dir, cfg.schedule.max_steps, self.storage, cfg.log.print_every)
         self.categories: list[Category] = list(self.plan.manifest.categories)
         self.transfer: TransferReport | None = None
         self.model = self._build_model()
+        marker = self.plan.resume_marker
+        self.universal = marker is not None and needs_universal(marker, self.world, cfg.engine.zero_stage)
         self.engine, self.optimizer, self.scheduler = build_engine(
-            self.model, cfg.optim, cfg.schedule, cfg.engine, self.world)
+            self.model, cfg.optim, cfg.schedule, cfg.engine, self.world, load_universal=self.universal)
         self.step = 0
         loader_state = self._resume() if self.plan.resume_uri else self._fresh_start()
-        self.loader = TrainLoader(cfg.loader_config(), self._transform(), collate=collate, storage=self.storage,
+        self.loader = TrainLoader(cfg.loader_config(), self._transform(), collate=collate_batch, storage=self.storage,
                                   rank=self.rank, world_size=self.world, state=loader_state)
         self.checkpoints: list[str] = []
+        self._on_batch: OnBatch | None = None
+        # Last: a run that fails to start leaves no metrics file behind.
+        if self.logger is None:
+            self.logger = make_logger(cfg.run_dir, cfg.schedule.max_steps, self.storage, cfg.log.print_every)
+        if self.rank == 0:
+            self.storage.write_bytes(join(cfg.run_dir, "config.yaml"), dump_config(cfg).encode())
+            self.logger.log_params(flatten_config(cfg))
 
     # ------------------------------------------------------------------ set-up
 
@@ -288,29 +348,25 @@ class Trainer:
     def _fresh_start(self) -> None:
         # Per-rank RNG for the training noise (DN, point sampling, drop path): ranks must differ.
         torch.manual_seed(self.cfg.seed * 1000 + 1 + self.rank)
-        if self.rank == 0:
-            self.storage.write_bytes(join(self.cfg.run_dir, "config.yaml"), dump_config(self.cfg).encode())
-            self.logger.log_params(flatten_config(self.cfg))
         return None
 
     def _resume(self) -> dict[str, Any]:
-        uri, step = self.plan.resume_uri, self.plan.resume_step
-        assert uri is not None
+        uri, step, marker = self.plan.resume_uri, self.plan.resume_step, self.plan.resume_marker
+        assert uri is not None and marker is not None
         local = os.path.join(self.local_root, "resume", f"step_{step:08d}")
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per node
-            shutil.rmtree(local, ignore_errors=True)
-            try:
-                marker = ckpt.fetch(self.storage, uri, local)
-            except (ckpt.CheckpointPublishError, StorageError) as exc:
-                raise _fail(f"cannot resume from {uri}: {exc}; resume from another checkpoint (resume=URI) or "
-                            "start afresh (resume=never)") from exc
-            if marker.world_size != self.world:
-                log.warning("checkpoint %s was written by %d ranks, resuming on %d", uri, marker.world_size,
-                            self.world)
-        dist.barrier()
-        self.engine.load_checkpoint(os.path.dirname(local), tag=os.path.basename(local),
-                                    load_module_strict=True, load_optimizer_states=True,
-                                    load_lr_scheduler_states=True)
+        tag = os.path.basename(local) + ("_universal" if self.universal else "")
+        ok = True
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download (and conversion) per node
+            ok = self._fetch(uri, local)
+        self._all_ok(ok, f"cannot resume from {uri}: another rank could not fetch it (see its log)")
+        if marker.world_size != self.world:
+            log.warning("checkpoint %s was written by %d ranks; resuming on %d through a universal checkpoint",
+                        uri, marker.world_size, self.world)
+        groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
+        self.engine.load_checkpoint(os.path.dirname(local), tag=tag, load_module_strict=True,
+                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        if self.universal and self.cfg.engine.zero_stage == 3:
+            self._repair_zero3_groups(groups)
         self.step = step
         state_file = _state_path(local, self.rank)
         if not os.path.exists(state_file):  # a checkpoint from fewer ranks: no own state
@@ -324,16 +380,56 @@ class Trainer:
             print(f"resumed from {uri} at step {step}", flush=True)
         return state["loader"]
 
+    def _fetch(self, uri: str, local: str) -> bool:
+        """Download and verify the checkpoint; convert it to a universal one when the layout changed.
+        Returns False (after logging) on failure so the other ranks are told instead of left waiting."""
+        shutil.rmtree(local, ignore_errors=True)
+        try:
+            ckpt.fetch(self.storage, uri, local)
+            if self.universal:
+                convert_to_universal(local, local + "_universal")
+        except (ckpt.CheckpointPublishError, StorageError) as exc:
+            self._fetch_error = _fail(f"cannot resume from {uri}: {exc}; resume from another checkpoint "
+                                      "(resume=URI) or start afresh (resume=never)")
+            if self.world > 1:  # the other ranks only learn that it failed
+                log.error("%s", self._fetch_error)
+            return False
+        return True
+
+    def _all_ok(self, ok: bool, message: str) -> None:
+        """A collective check: raises on every rank when any rank failed (its own error where it has one)."""
+        flag = torch.tensor([0.0 if ok else 1.0])
+        if self.world > 1:
+            dist.all_reduce(flag)
+        if flag.item():
+            raise getattr(self, "_fetch_error", None) or _fail(message)
+
+    def _repair_zero3_groups(self, groups: list[dict[str, Any]]) -> None:
+        """DeepSpeed 0.19's ZeRO-3 universal load copies group 0's settings (name, lr, weight decay) into
+        every group and shares one Adam `step` tensor between groups, which torch then increments once per
+        group. Put back each group's own settings and the scheduler's LRs, and give each state its own step."""
+        lrs = self.scheduler.get_last_lr()
+        for group, saved, lr in zip(self.optimizer.param_groups, groups, lrs):
+            group.update(saved)
+            group["lr"] = lr
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
     # ------------------------------------------------------------------ the loop
 
-    def run(self) -> TrainResult:
+    def run(self, on_batch: OnBatch | None = None) -> TrainResult:
+        """Train to `schedule.max_steps`. on_batch(step, keys) sees this rank's sample keys of every
+        micro-batch (data-order audits, tests)."""
         cfg = self.cfg
+        self._on_batch = on_batch
         losses: dict[int, float] = {}
         batches = iter(self.loader)
         crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
         try:
             while self.step < cfg.schedule.max_steps:
-                metrics = self._train_step(batches)
+                metrics = self._train_step(batches)  # step self.step + 1
                 self.step += 1
                 losses[self.step] = metrics.as_dict()["loss/total"]
                 self._log(metrics)
@@ -347,17 +443,19 @@ class Trainer:
         return TrainResult(self.rank, cfg.run_dir, self.step, self.plan.resume_uri, self.checkpoints, bundle, self.transfer,
                            self.loader.stats(), losses)
 
-    def _train_step(self, batches: Iterator[tuple[list[Tensor], list[Targets]]]) -> StepMetrics:
+    def _train_step(self, batches: Iterator[TrainBatch]) -> StepMetrics:
         started = time.perf_counter()
         waited, images_seen = 0.0, 0
         terms: dict[str, Tensor] = {}
         self.engine.train()
         for _ in range(self.cfg.engine.grad_accumulation):
-            images, targets = next(batches)
+            batch = next(batches)
             waited += self.loader.last_wait_seconds
-            images_seen += len(images)
-            targets = [self._to_device(t) for t in targets]
-            loss_terms = self.engine(images, targets, num_masks=self._num_masks(targets))
+            images_seen += len(batch.images)
+            if self._on_batch is not None:
+                self._on_batch(self.step + 1, batch.keys)
+            targets = [self._to_device(t) for t in batch.targets]
+            loss_terms = self.engine(batch.images, targets, num_masks=self._num_masks(targets))
             total = sum(loss_terms.values())
             self.engine.backward(total)
             self.engine.step()
