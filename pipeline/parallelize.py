@@ -4,7 +4,7 @@ and the DeepSpeed engine. The model code never sees any of it.
 Order (each step needs the previous one): model on its device -> parameter groups (need module types
 and names) -> torch AdamW over the groups -> LambdaLR (per-group LRs survive; DeepSpeed's WarmupLR
 would set every group to one LR and lose the backbone's x0.1) -> `deepspeed.initialize` with ZeRO stage,
-precision, micro-batch, accumulation and full-model gradient clipping from config.
+micro-batch, accumulation and full-model gradient clipping from config (precision is autocast in the trainer).
 
 Parameter groups follow the official `build_optimizer` (MODEL_SPEC 8): lr x backbone_multiplier for any
 module whose name contains "backbone"; weight decay 0 for norm layers, nn.Embedding, and Swin's
@@ -57,7 +57,10 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     zero_stage: int = 2
-    precision: str = "fp32"  # fp32 | bf16
+    # fp32, or bf16: the official AMP recipe with bfloat16 (no loss scaling needed): the forward runs
+    # under torch.autocast while weights, gradients and optimizer state stay fp32; the pixel-decoder
+    # encoder, decoder layers and matcher turn autocast off themselves, as the official code does.
+    precision: str = "fp32"
     micro_batch_size: int = 2  # per rank
     grad_accumulation: int = 1
 
@@ -146,7 +149,8 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, world_size: int) 
         "gradient_accumulation_steps": engine.grad_accumulation,
         "gradient_clipping": optim.clip_grad_norm,
         "zero_optimization": {"stage": engine.zero_stage},
-        "bf16": {"enabled": engine.precision == "bf16"},
+        # bf16 is autocast in the trainer, not DeepSpeed's bf16 mode (bf16 weights and gradients).
+        "bf16": {"enabled": False},
         "steps_per_print": 1 << 30,  # our logger reports; DeepSpeed's own prints would interleave
         "wall_clock_breakdown": False,
     }

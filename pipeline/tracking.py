@@ -69,11 +69,17 @@ class Logger(Protocol):
 
     def log_artifact(self, name: str, data: bytes) -> None: ...
 
+    def flush(self) -> None: ...
+
     def close(self) -> None: ...
 
 
 class _Closing:
-    """``with logger:`` closes it, also when training raises."""
+    """``with logger:`` closes it, also when training raises. ``flush`` (make everything logged so far
+    durable; the trainer calls it with each checkpoint) is a no-op unless a backend buffers."""
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:  # overridden
         pass
@@ -209,6 +215,10 @@ class MultiLogger(_Closing):
     def log_artifact(self, name: str, data: bytes) -> None:
         for lg in self.loggers:
             lg.log_artifact(name, data)
+
+    def flush(self) -> None:
+        for lg in self.loggers:
+            lg.flush()
 
     def close(self) -> None:
         # Close them all even if one fails (its file must still be flushed), then raise the first.

@@ -48,7 +48,13 @@ from pipeline.eval_data import EvalSample
 from pipeline.loader import LoaderStats, TrainLoader
 from pipeline.parallelize import applied_hyperparams, build_engine
 from pipeline.targets import TrainSample
-from pipeline.tracking import Logger, StepMetrics, flatten_config, make_logger, peak_memory_mb
+from pipeline.tracking import (
+    Logger,
+    StepMetrics,
+    flatten_config,
+    make_logger,
+    peak_memory_mb,
+)
 from pipeline.train_config import TrainConfig
 from pipeline.transfer import TransferReport, save_transfer_report, transfer_from_bundle
 from pipeline.transforms import AugConfig, collate, train_transform
@@ -159,10 +165,9 @@ def preflight(cfg: TrainConfig, storage: Storage) -> Plan:
     resume_uri, marker = _resume_point(cfg, storage)
     if marker is not None:
         _check_resumable(marker, resume_uri or "", cfg)
-    if resume_uri is None and cfg.init_from:
-        if not storage.exists(join(cfg.init_from, "model.safetensors")):
-            raise _fail(f"init_from={cfg.init_from} is not a model bundle (no model.safetensors); point it at "
-                        "a finished run's model/ folder")
+    if resume_uri is None and cfg.init_from and not storage.exists(join(cfg.init_from, "model.safetensors")):
+        raise _fail(f"init_from={cfg.init_from} is not a model bundle (no model.safetensors); point it at "
+                    "a finished run's model/ folder")
     return Plan(manifest, resume_uri, marker)
 
 
@@ -348,7 +353,6 @@ class Trainer:
     def _fresh_start(self) -> None:
         # Per-rank RNG for the training noise (DN, point sampling, drop path): ranks must differ.
         torch.manual_seed(self.cfg.seed * 1000 + 1 + self.rank)
-        return None
 
     def _resume(self) -> dict[str, Any]:
         uri, step, marker = self.plan.resume_uri, self.plan.resume_step, self.plan.resume_marker
@@ -455,7 +459,9 @@ class Trainer:
             if self._on_batch is not None:
                 self._on_batch(self.step + 1, batch.keys)
             targets = [self._to_device(t) for t in batch.targets]
-            loss_terms = self.engine(batch.images, targets, num_masks=self._num_masks(targets))
+            num_masks = self._num_masks(targets)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.engine.precision == "bf16"):
+                loss_terms = self.engine(batch.images, targets, num_masks=num_masks)
             total = sum(loss_terms.values())
             self.engine.backward(total)
             self.engine.step()
@@ -533,9 +539,7 @@ class Trainer:
             ckpt.write_marker(self.storage, remote, ckpt.CheckpointMarker(self.step, self.world, files, meta))
             if self.cfg.checkpoint.keep_last:
                 ckpt.prune(self.storage, self.cfg.run_dir, self.cfg.checkpoint.keep_last)
-            flush = getattr(self.logger, "flush", None)
-            if flush is not None:
-                flush()
+            self.logger.flush()  # the metrics of the steps this checkpoint covers are durable with it
         dist.barrier()  # nobody deletes local files or moves on before the marker is written
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             for old in self.checkpoints:  # published: the local copies of older steps are not needed
@@ -565,18 +569,7 @@ class Trainer:
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-        state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-        if self.cfg.engine.precision != "fp32":
-            # bf16 module weights are a rounded copy: take the fp32 master weights instead.
-            for name, master in self._fp32_masters().items():
-                state[name] = master
-        return state
-
-    def _fp32_masters(self) -> dict[str, Tensor]:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return {name: safe_get_full_fp32_param(p).detach().float().cpu().clone()
-                for name, p in self.engine.module.named_parameters() if p.requires_grad}
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
     def applied_hyperparams(self) -> dict[str, tuple[float, float]]:
         return applied_hyperparams(self.optimizer, self.engine.module, self.cfg.optim)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import socket
 import subprocess
@@ -56,7 +57,7 @@ def torchrun_train(overrides: list[str], nproc: int = 2, env: dict[str, str] | N
            "127.0.0.1", "--master_port", str(_free_port()), "-m", "pipeline.cli", "train", str(CONFIG),
            *COMMON, *overrides]
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, check=False)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -106,7 +107,7 @@ def s3(s3_server, shards) -> tuple[Storage, str]:
     """(storage, bucket URI) with the instance shards under shards/."""
     storage = make_storage(s3_server)
     bucket = f"s3://{create_bucket(s3_server, 'train')}"
-    for path in sorted(shards.iterdir()):
+    for path in [shards / "manifest.json", *sorted(shards.glob("*.tar"))]:
         storage.write_bytes(f"{bucket}/shards/{path.name}", path.read_bytes())
     return storage, bucket
 
@@ -408,3 +409,12 @@ def test_bad_inputs_fail_before_training_with_one_line(case, shards, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and expect in err, err
     assert not (run / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_bf16_runs_the_forward_under_autocast_and_keeps_fp32_weights(shards, tmp_path):
+    run = tmp_path / "run"
+    result = train(config(tmp_path, f"run_dir={run}", f"data.manifest={shards / 'manifest.json'}",
+                          "engine.precision=bf16", "schedule.max_steps=2", "checkpoint.every_steps=2"))
+    assert result.steps == 2 and all(math.isfinite(v) for v in result.losses.values())
+    weights = load_safetensors((run / "model" / "model.safetensors").read_bytes())
+    assert {t.dtype for t in weights.values()} == {torch.float32}
