@@ -20,10 +20,12 @@ What is measured
   `collate_batch`, in a plain loop without DeepSpeed, in a fresh process: wait for the batch, forward
   (`model(images, targets, num_masks)`), sum of the weighted losses, zero_grad, backward,
   `clip_grad_norm_(0.01)`, optimizer and scheduler step, loss read back; each step timed the same way.
-* The first `--warmup` (2) steps of every run are skipped; figures are the median images/s, median
-  s/step and mean data-wait fraction of the rest. Variants run one after the other, ours first.
+* `--repeats` runs of each variant per config (tiny 3, R50 1), in a rotating order (ours, baseline,
+  baseline, ours, ...): the machine is shared, and a neighbour's burst can slow a whole run. The first
+  `--warmup` (2) steps of every run are left out; a variant's figures are the median images/s, median
+  s/step and mean data-wait fraction over the measured steps of all its runs.
 * `ratio` = ours / baseline images/s for the tiny config (goal 0.9: DeepSpeed's engine costs < 10%);
-  the R50 ratio and every figure are in the JSON too.
+  `paired_ratios` per repeat, the R50 ratio and every figure are in the JSON too.
 
 Output: progress and a table on stderr, then LAST on stdout one JSON line
 `{"bench": "train_step", "ratio": R, "goal": 0.9, ...}`.
@@ -49,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 GOAL = 0.9  # ours / baseline images/s, tiny config
 CONFIGS = {"tiny": "configs/train/tiny_instance.yaml", "r50": "configs/train/r50_instance.yaml"}
 DEFAULT_SIZE = {"tiny": 128, "r50": 256}
-DEFAULT_STEPS = {"tiny": 30, "r50": 8}  # measured steps are these minus --warmup
+DEFAULT_STEPS = {"tiny": 30, "r50": 8}  # per run; measured steps are these minus --warmup
+DEFAULT_REPEATS = {"tiny": 3, "r50": 1}  # runs of each variant, in a rotating order
 TAG = "[train_step]"  # child stderr lines with this prefix are shown live
 
 
@@ -64,7 +67,12 @@ def make_shards(tmp: Path, args: argparse.Namespace) -> tuple[str, int, float]:
     """(manifest path, categories, seconds)."""
     from data_prep.manifest import Manifest
     from data_prep.shard import shard_dataset
-    from data_prep.shard_config import ExecutorConfig, ShardJobConfig, ShardLimits, SourceConfig
+    from data_prep.shard_config import (
+        ExecutorConfig,
+        ShardJobConfig,
+        ShardLimits,
+        SourceConfig,
+    )
     from data_prep.synthetic import SyntheticSpec, make_synthetic
 
     t = time.perf_counter()
@@ -79,7 +87,7 @@ def make_shards(tmp: Path, args: argparse.Namespace) -> tuple[str, int, float]:
     return str(out / "manifest.json"), len(manifest.categories), time.perf_counter() - t
 
 
-def overrides(name: str, run_dir: str, manifest: str, classes: int, steps: int, size: int, workers: int,
+def overrides(run_dir: str, manifest: str, classes: int, steps: int, size: int, workers: int,
               zero_stage: int) -> list[str]:
     return [f"run_dir={run_dir}", f"data.manifest={manifest}", f"schedule.max_steps={steps}",
             f"checkpoint.every_steps={steps + 1_000_000}", f"checkpoint.local_dir={run_dir}_local",
@@ -92,6 +100,11 @@ def overrides(name: str, run_dir: str, manifest: str, classes: int, steps: int, 
 # ------------------------------------------------------------------------------------ children
 
 
+def _show(step: int, steps: int) -> bool:
+    """Progress lines: every step of a short run, about five of a long one."""
+    return steps <= 10 or step % max(1, steps // 5) == 0 or step == steps
+
+
 def _summary(rows: list[dict[str, float]], warmup: int) -> dict[str, Any]:
     kept = rows[warmup:] or rows
     ips = [r["images_per_s"] for r in kept]
@@ -101,7 +114,7 @@ def _summary(rows: list[dict[str, float]], warmup: int) -> dict[str, Any]:
         "s_per_step": statistics.median(step_s),
         "data_wait_fraction": statistics.fmean(r["data_wait_fraction"] for r in kept),
         "measured_steps": len(kept),
-        "images_per_s_runs": [round(x, 3) for x in ips],
+        "rows": kept,
         "losses": [round(r["loss"], 4) for r in rows],
     }
 
@@ -121,7 +134,8 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     steps = cfg.schedule.max_steps
 
     def progress(step: int, keys: list[str]) -> None:
-        _say(f"{TAG}   {args.config} ours: step {step}/{steps}")
+        if _show(step, steps):
+            _say(f"{TAG}   {args.config} ours: step {step}/{steps}")
 
     try:
         t1 = time.perf_counter()
@@ -177,7 +191,8 @@ def child_baseline(args: argparse.Namespace) -> dict[str, Any]:
             model.train()
             batch = next(batches)
             waited = loader.last_wait_seconds
-            _say(f"{TAG}   {args.config} baseline: step {step}/{steps}")
+            if _show(step, steps):
+                _say(f"{TAG}   {args.config} baseline: step {step}/{steps}")
             targets = [Targets(t.labels.to(device), t.boxes.to(device),
                                t.masks.to(device) if t.masks is not None else None) for t in batch.targets]
             num_masks = max(float(sum(len(t) for t in targets)), 1.0)
@@ -239,12 +254,26 @@ def _parse_map(text: str | None, defaults: dict[str, int], names: list[str]) -> 
     return out
 
 
+def _pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's figures over all its runs: medians / mean over the pooled measured steps."""
+    rows = [r for run in runs for r in run["rows"]]
+    return {"images_per_s": statistics.median(r["images_per_s"] for r in rows),
+            "s_per_step": statistics.median(r["seconds"] for r in rows),
+            "data_wait_fraction": statistics.fmean(r["data_wait_fraction"] for r in rows),
+            "measured_steps": len(rows),
+            "setup_s": statistics.median(run["setup_s"] for run in runs),
+            "run_images_per_s": [round(run["images_per_s"], 3) for run in runs],
+            "run_seconds": [round(run["run_s"], 1) for run in runs],
+            "threads": runs[0]["threads"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="tiny,r50", help="comma-separated, of: tiny, r50")
     parser.add_argument("--steps", help="optimizer steps per run, warm-up included: N or tiny=N,r50=M "
                                         f"(default {DEFAULT_STEPS})")
     parser.add_argument("--image-size", help=f"LSJ crop size: N or tiny=N,r50=M (default {DEFAULT_SIZE})")
+    parser.add_argument("--repeats", help=f"runs of each variant: N or tiny=N,r50=M (default {DEFAULT_REPEATS})")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the figures")
     parser.add_argument("--workers", type=int, default=1, help="data.num_workers")
     parser.add_argument("--zero-stage", type=int, default=2, help="engine.zero_stage for ours")
@@ -263,65 +292,80 @@ def main() -> None:
 
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
+    if unknown or not names:
         parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
     steps = _parse_map(args.steps, DEFAULT_STEPS, names)
     sizes = _parse_map(args.image_size, DEFAULT_SIZE, names)
-    if any(steps[n] <= args.warmup for n in names):
-        parser.error(f"--steps must be more than --warmup={args.warmup}")
+    repeats = _parse_map(args.repeats, DEFAULT_REPEATS, names)
+    if any(steps[n] <= args.warmup for n in names) or any(repeats[n] < 1 for n in names):
+        parser.error(f"need --steps > --warmup={args.warmup} and --repeats >= 1")
     started = time.perf_counter()
     loadavg_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
-    results: dict[str, dict[str, Any]] = {}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     try:
         _say(f"generating {args.images} synthetic images and sharding them ...")
         manifest, classes, prepare_s = make_shards(tmp, args)
         _say(f"  done in {prepare_s:.1f} s ({classes} categories)")
         for name in names:
-            results[name] = {"image_size": sizes[name], "steps": steps[name]}
-            for variant in ("ours", "baseline"):
-                stage = args.zero_stage if variant == "ours" else 0  # the baseline has no engine; 0 = unused
-                run_dir = str(tmp / "runs" / f"{name}_{variant}")
-                ovr = overrides(name, run_dir, manifest, classes, steps[name], sizes[name], args.workers, stage)
-                _say(f"{name} {variant}: {steps[name]} steps at {sizes[name]} px in a fresh process ...")
-                res = run_child(variant, name, ovr, args.warmup)
-                _say(f"  {name} {variant}: {res['images_per_s']:.2f} images/s, {res['s_per_step']:.3f} s/step, "
-                     f"data wait {res['data_wait_fraction']:.1%} (setup {res['setup_s']:.1f} s)")
-                results[name][variant] = res
-            results[name]["ratio"] = results[name]["ours"]["images_per_s"] / results[name]["baseline"]["images_per_s"]
+            runs[name] = {"ours": [], "baseline": []}
+            for rep in range(repeats[name]):
+                order = ("ours", "baseline") if rep % 2 == 0 else ("baseline", "ours")
+                for variant in order:
+                    stage = args.zero_stage if variant == "ours" else 0  # no engine in the baseline: unused
+                    run_dir = str(tmp / "runs" / f"{name}_{variant}_{rep}")
+                    ovr = overrides(run_dir, manifest, classes, steps[name], sizes[name], args.workers, stage)
+                    _say(f"{name} {variant} (run {rep + 1}/{repeats[name]}): {steps[name]} steps at "
+                         f"{sizes[name]} px in a fresh process ...")
+                    res = run_child(variant, name, ovr, args.warmup)
+                    _say(f"  -> {res['images_per_s']:.2f} images/s, {res['s_per_step']:.3f} s/step, data wait "
+                         f"{res['data_wait_fraction']:.1%} (set-up {res['setup_s']:.1f} s, run {res['run_s']:.1f} s)")
+                    runs[name][variant].append(res)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     wall_s = time.perf_counter() - started
 
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        ours, base = _pool(runs[name]["ours"]), _pool(runs[name]["baseline"])
+        paired = [o["images_per_s"] / b["images_per_s"] for o, b in zip(runs[name]["ours"], runs[name]["baseline"])]
+        results[name] = {"ratio": ours["images_per_s"] / base["images_per_s"], "image_size": sizes[name],
+                         "steps": steps[name], "repeats": repeats[name],
+                         "paired_ratios": [round(x, 3) for x in paired], "ours": ours, "baseline": base}
+
     _say("")
-    _say(f"{'config':<6} {'px':>4} {'variant':<9} {'images/s':>9} {'s/step':>8} {'data wait':>10} {'setup s':>8}")
+    _say(f"{'config':<6} {'px':>4} {'variant':<9} {'images/s':>9} {'s/step':>8} {'data wait':>10} {'steps':>6}")
     for name in names:
         for variant in ("ours", "baseline"):
             r = results[name][variant]
             _say(f"{name:<6} {sizes[name]:>4} {variant:<9} {r['images_per_s']:>9.2f} {r['s_per_step']:>8.3f} "
-                 f"{r['data_wait_fraction']:>10.1%} {r['setup_s']:>8.1f}")
-        _say(f"{name:<6} {'':>4} {'ratio':<9} {results[name]['ratio']:>9.3f}")
-    _say(f"wall {wall_s:.0f} s; ours = Trainer with DeepSpeed ZeRO {args.zero_stage}, fp32, micro-batch 2, "
-         f"{args.workers} loader worker(s); baseline = plain PyTorch loop, same model/data/loader")
+                 f"{r['data_wait_fraction']:>10.1%} {r['measured_steps']:>6}")
+        _say(f"{name:<6} {'':>4} {'ratio':<9} {results[name]['ratio']:>9.3f}   (per repeat: "
+             f"{', '.join(f'{x:.2f}' for x in results[name]['paired_ratios'])})")
+    _say(f"ours = Trainer, DeepSpeed ZeRO {args.zero_stage}, fp32, micro-batch 2, {args.workers} loader worker(s); "
+         f"baseline = plain PyTorch loop, same model/data/loader; {args.warmup} warm-up steps per run left out; "
+         f"wall {wall_s:.0f} s")
 
     def figures(r: dict[str, Any]) -> dict[str, Any]:
         return {"images_per_s": round(r["images_per_s"], 3), "s_per_step": round(r["s_per_step"], 4),
-                "data_wait_fraction": round(r["data_wait_fraction"], 4), "setup_s": round(r["setup_s"], 2),
-                "run_s": round(r["run_s"], 2), "measured_steps": r["measured_steps"],
-                "images_per_s_runs": r["images_per_s_runs"]}
+                "data_wait_fraction": round(r["data_wait_fraction"], 4), "measured_steps": r["measured_steps"],
+                "setup_s": round(r["setup_s"], 2), "run_images_per_s": r["run_images_per_s"],
+                "run_seconds": r["run_seconds"]}
 
-    head = names[0] if "tiny" not in names else "tiny"
+    head = "tiny" if "tiny" in names else names[0]
     out: dict[str, Any] = {"bench": "train_step", "ratio": round(results[head]["ratio"], 3), "goal": GOAL}
     if head != "tiny":
         out["ratio_config"] = head
     for name in names:
         r = results[name]
         out[f"{name}_ratio"] = round(r["ratio"], 3)
-        out[name] = {"image_size": r["image_size"], "steps": r["steps"], "ours": figures(r["ours"]),
+    for name in names:
+        r = results[name]
+        out[name] = {"image_size": r["image_size"], "steps": r["steps"], "repeats": r["repeats"],
+                     "paired_ratios": r["paired_ratios"], "ours": figures(r["ours"]),
                      "baseline": figures(r["baseline"])}
-    first = results[names[0]]["ours"]
     out.update({"warmup_steps": args.warmup, "zero_stage": args.zero_stage, "precision": "fp32",
-                "micro_batch_size": 2, "num_workers": args.workers, "threads": first["threads"],
+                "micro_batch_size": 2, "num_workers": args.workers, "threads": results[head]["ours"]["threads"],
                 "images": args.images, "image_sides": [args.min_size, args.max_size], "classes": classes,
                 "prepare_s": round(prepare_s, 1), "wall_s": round(wall_s, 1),
                 "loadavg_1m_start": round(loadavg_start, 2), "loadavg_1m": round(os.getloadavg()[0], 2)})

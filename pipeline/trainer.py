@@ -380,6 +380,10 @@ class Trainer:
             _set_rng_state(state["rng"])
         else:
             torch.manual_seed(self.cfg.seed * 1000 + 1 + self.rank + 7919 * step)
+        dist.barrier()  # every rank has read the local copy
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            shutil.rmtree(local, ignore_errors=True)
+            shutil.rmtree(local + "_universal", ignore_errors=True)
         if self.rank == 0:
             print(f"resumed from {uri} at step {step}", flush=True)
         return state["loader"]

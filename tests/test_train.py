@@ -418,3 +418,16 @@ def test_bf16_runs_the_forward_under_autocast_and_keeps_fp32_weights(shards, tmp
     assert result.steps == 2 and all(math.isfinite(v) for v in result.losses.values())
     weights = load_safetensors((run / "model" / "model.safetensors").read_bytes())
     assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+def test_the_deepspeed_launcher_runs_the_same_entrypoint_on_two_ranks(shards, tmp_path):
+    """`deepspeed --num_gpus 2` (on CPU it starts one rank unless told) passes --local_rank=N first."""
+    run = tmp_path / "run"
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "--module", "pipeline.cli", "train", str(CONFIG), *COMMON,
+           f"run_dir={run}", f"data.manifest={shards / 'manifest.json'}", "schedule.max_steps=2",
+           "checkpoint.every_steps=2", f"checkpoint.local_dir={tmp_path / 'local'}"]
+    _ok(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False))
+    marker = ckpt.read_marker(Storage(), ckpt.checkpoint_uri(str(run), 2))
+    assert marker.world_size == 2 and (run / "model" / "model.safetensors").exists()
+    assert sorted(losses(Storage(), str(run))) == [1, 2]
