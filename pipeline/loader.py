@@ -54,7 +54,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
-from data_prep.manifest import load_manifest, shard_urls
+from data_prep.manifest import Manifest, load_manifest, shard_urls
 from data_prep.storage import Storage, StorageError
 from pipeline.distributed import rank_and_world
 from pipeline.eval_data import EvalSample, decode_sample
@@ -68,6 +68,7 @@ __all__ = [
     "ShardReadError",
     "TrainLoader",
     "assign_shards",
+    "read_training_manifest",
     "shuffle_order",
 ]
 
@@ -402,6 +403,21 @@ class _ConsumerStream(IterableDataset):
 # --------------------------------------------------------------------------- the loader
 
 
+def read_training_manifest(storage: Storage, uri: str) -> Manifest:
+    """The manifest of a training stream, or LoaderError (one line, with the fix) when it cannot be."""
+    try:
+        manifest = load_manifest(storage, uri)
+    except StorageError as exc:
+        raise LoaderError(f"cannot read the training manifest {uri} ({exc}); shard the dataset "
+                          "first (maskdino shard) or fix data.manifest") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LoaderError(f"{uri} is not a shard manifest ({type(exc).__name__}: {exc}); point "
+                          "data.manifest at the manifest.json written by sharding") from exc
+    if not manifest.shards or manifest.counts.samples == 0:
+        raise LoaderError(f"manifest {uri} lists no samples; re-shard the dataset")
+    return manifest
+
+
 class TrainLoader(Generic[B]):
     """Infinite iterator of training batches (`collate(list of transform outputs)`, default a list).
 
@@ -431,18 +447,8 @@ class TrainLoader(Generic[B]):
             self.load_state_dict(state)
 
     def _read_manifest(self) -> tuple[list[str], list[int]]:
-        uri = self.config.manifest
-        try:
-            manifest = load_manifest(self.storage, uri)
-        except StorageError as exc:
-            raise LoaderError(f"cannot read the training manifest {uri} ({exc}); shard the dataset "
-                              "first (maskdino shard) or fix LoaderConfig.manifest") from exc
-        except (ValueError, KeyError, TypeError) as exc:
-            raise LoaderError(f"{uri} is not a shard manifest ({type(exc).__name__}: {exc}); point "
-                              "LoaderConfig.manifest at the manifest.json written by sharding") from exc
-        if not manifest.shards or manifest.counts.samples == 0:
-            raise LoaderError(f"manifest {uri} lists no samples; re-shard the dataset")
-        return shard_urls(manifest, uri), [s.samples for s in manifest.shards]
+        manifest = read_training_manifest(self.storage, self.config.manifest)
+        return shard_urls(manifest, self.config.manifest), [s.samples for s in manifest.shards]
 
     # ------------------------------------------------------------------ iteration
 

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from data_prep.manifest import Manifest, load_manifest
+from data_prep.manifest import Manifest
 from data_prep.records import Category
 from data_prep.storage import Storage, StorageError, join
 from model.structures import Targets
@@ -45,7 +45,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, dump_config
 from pipeline.distributed import gather_to_rank0, init_from_env, rank_and_world
 from pipeline.eval_data import EvalSample
-from pipeline.loader import LoaderStats, TrainLoader
+from pipeline.loader import LoaderStats, TrainLoader, read_training_manifest
 from pipeline.parallelize import applied_hyperparams, build_engine
 from pipeline.targets import TrainSample
 from pipeline.tracking import (
@@ -145,14 +145,7 @@ def _fail(message: str) -> TrainError:
 
 def preflight(cfg: TrainConfig, storage: Storage) -> Plan:
     """Every check that needs I/O but no process group: fails with one line before training starts."""
-    try:
-        manifest = load_manifest(storage, cfg.data.manifest)
-    except StorageError as exc:
-        raise _fail(f"cannot read the training manifest {cfg.data.manifest} ({exc}); shard the dataset "
-                    "first (maskdino shard) or fix data.manifest") from exc
-    except (ValueError, KeyError, TypeError) as exc:
-        raise _fail(f"{cfg.data.manifest} is not a shard manifest ({type(exc).__name__}: {exc}); "
-                    "point data.manifest at the manifest.json written by sharding") from exc
+    manifest = read_training_manifest(storage, cfg.data.manifest)
     if len(manifest.categories) != cfg.model.num_classes:
         raise _fail(f"the model has num_classes={cfg.model.num_classes} but {cfg.data.manifest} "
                     f"({manifest.dataset}) has {len(manifest.categories)} categories; set "
