@@ -20,6 +20,8 @@ What is measured
   `collate_batch`, in a plain loop without DeepSpeed, in a fresh process: wait for the batch, forward
   (`model(images, targets, num_masks)`), sum of the weighted losses, zero_grad, backward,
   `clip_grad_norm_(0.01)`, optimizer and scheduler step, loss read back; each step timed the same way.
+  Both sides start from the same weights, data order and noise seeds, so their per-step losses agree
+  (`loss_max_rel_diff`, first run of each): the baseline does the same work.
 * `--repeats` runs of each variant per config (tiny 3, R50 1), in a rotating order (ours, baseline,
   baseline, ours, ...): the machine is shared, and a neighbour's burst can slow a whole run. The first
   `--warmup` (2) steps of every run are left out; a variant's figures are the median images/s, median
@@ -329,8 +331,12 @@ def main() -> None:
     for name in names:
         ours, base = _pool(runs[name]["ours"]), _pool(runs[name]["baseline"])
         paired = [o["images_per_s"] / b["images_per_s"] for o, b in zip(runs[name]["ours"], runs[name]["baseline"])]
+        # Same weights, data order and noise seeds: both sides must compute the same losses (a check
+        # that the baseline does the same work; differences are float reassociation only).
+        lo, lb = runs[name]["ours"][0]["losses"], runs[name]["baseline"][0]["losses"]
+        loss_diff = max(abs(a - b) / max(abs(b), 1e-9) for a, b in zip(lo, lb))
         results[name] = {"ratio": ours["images_per_s"] / base["images_per_s"], "image_size": sizes[name],
-                         "steps": steps[name], "repeats": repeats[name],
+                         "steps": steps[name], "repeats": repeats[name], "loss_max_rel_diff": loss_diff,
                          "paired_ratios": [round(x, 3) for x in paired], "ours": ours, "baseline": base}
 
     _say("")
@@ -341,7 +347,8 @@ def main() -> None:
             _say(f"{name:<6} {sizes[name]:>4} {variant:<9} {r['images_per_s']:>9.2f} {r['s_per_step']:>8.3f} "
                  f"{r['data_wait_fraction']:>10.1%} {r['measured_steps']:>6}")
         _say(f"{name:<6} {'':>4} {'ratio':<9} {results[name]['ratio']:>9.3f}   (per repeat: "
-             f"{', '.join(f'{x:.2f}' for x in results[name]['paired_ratios'])})")
+             f"{', '.join(f'{x:.2f}' for x in results[name]['paired_ratios'])}; losses agree to "
+             f"{results[name]['loss_max_rel_diff']:.1e} relative)")
     _say(f"ours = Trainer, DeepSpeed ZeRO {args.zero_stage}, fp32, micro-batch 2, {args.workers} loader worker(s); "
          f"baseline = plain PyTorch loop, same model/data/loader; {args.warmup} warm-up steps per run left out; "
          f"wall {wall_s:.0f} s")
@@ -362,7 +369,8 @@ def main() -> None:
     for name in names:
         r = results[name]
         out[name] = {"image_size": r["image_size"], "steps": r["steps"], "repeats": r["repeats"],
-                     "paired_ratios": r["paired_ratios"], "ours": figures(r["ours"]),
+                     "paired_ratios": r["paired_ratios"], "loss_max_rel_diff": float(f"{r['loss_max_rel_diff']:.2g}"),
+                     "ours": figures(r["ours"]),
                      "baseline": figures(r["baseline"])}
     out.update({"warmup_steps": args.warmup, "zero_stage": args.zero_stage, "precision": "fp32",
                 "micro_batch_size": 2, "num_workers": args.workers, "threads": results[head]["ours"]["threads"],
