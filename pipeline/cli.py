@@ -368,8 +368,28 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- promote
+def _add_promote(sub) -> None:
+    p = sub.add_parser("promote", help="manually move the `champion` alias of a registered model to VERSION "
+                                       "(MLflow registry); the reason is recorded on the version")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("version", help="model version number")
+    p.add_argument("--reason", required=True, help="why (stored as the version tag promotion_reason)")
+    p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.set_defaults(run=_run_promote)
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    from pipeline.registry import promote
+
+    result = promote(args.tracking_uri or None, args.name, args.version, args.reason)
+    print(f"models:/{args.name}@champion -> version {result.champion_version} ({result.reason})")
+    return 0
+
+
 SUBCOMMANDS: tuple[Callable, ...] = (_add_make_synthetic, _add_shard, _add_verify, _add_model_info,
-                                     _add_convert_checkpoint, _add_metrics, _add_evaluate, _add_predict, _add_train)
+                                     _add_convert_checkpoint, _add_metrics, _add_evaluate, _add_predict, _add_train,
+                                     _add_promote)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,16 +87,21 @@ def _local_config_path(storage: Storage, uri: str) -> str:
 
 def open_bundle(storage: Storage, model: str = "", config: str = "", weights: str = "",
                 categories: str = "", overrides: Sequence[str] = ()) -> ModelBundle:
-    """Resolve `--model FOLDER` or `--config C [--weights W] [--categories J]` to a ModelBundle.
+    """Resolve `--model FOLDER|models:/NAME@ALIAS|models:/NAME/VERSION` or `--config C [--weights W]
+    [--categories J]` to a ModelBundle.
 
     `overrides` (key=value) apply to the model config, e.g. inference.test_topk_per_image=50."""
     from pipeline.model_tools import load_model_config
 
     if model and config:
         raise ConfigError("give either --model (a bundle folder) or --config [--weights], not both")
-    if model.startswith("models:/"):
-        raise ConfigError(f"{model}: registered models are resolved by the registry (MLflow); pass the bundle "
-                          "folder the registry stores, or --config/--weights")
+    source = model
+    if model.startswith("models:/"):  # registered: downloaded from MLflow (tracking URI: MLFLOW_TRACKING_URI)
+        import tempfile
+
+        from pipeline.registry import resolve_model_uri
+
+        model = resolve_model_uri(None, model, tempfile.mkdtemp(prefix="maskdino-registry-"))
     if model:
         config = join(model, CONFIG_NAME)
         weights = join(model, WEIGHTS_NAME)
@@ -113,7 +118,7 @@ def open_bundle(storage: Storage, model: str = "", config: str = "", weights: st
     if cats is not None and len(cats) != cfg.num_classes:
         raise ConfigError(f"{categories} lists {len(cats)} categories but the model predicts num_classes="
                           f"{cfg.num_classes}")
-    return ModelBundle(config=cfg, weights=weights or None, categories=cats, source=model or config)
+    return ModelBundle(config=cfg, weights=weights or None, categories=cats, source=source or config)
 
 
 def load_weights(model: torch.nn.Module, weights: Mapping[str, Tensor], source: str) -> str:
