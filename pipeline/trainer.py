@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 BUNDLE_DIR = "model"
 TRANSFER_REPORT = "transfer.json"
 STATE_DIR = "trainer_state"  # per-rank files `rank_<r>.pt` inside each checkpoint
-# Tests and fault drills: exit hard (no clean-up, like a killed node) right after this step.
+# Tests and fault drills: exit hard (no clean-up, like a killed node) right after this step, in a run
+# that did not resume (so the restarted run goes on).
 CRASH_ENV = "MASKDINO_CRASH_AFTER_STEP"
 
 
@@ -427,7 +428,8 @@ class Trainer:
         self._on_batch = on_batch
         losses: dict[int, float] = {}
         batches = iter(self.loader)
-        crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+        # Only a run that started afresh crashes, so a restarted one (Ray Train, a test) gets through.
+        crash_after = 0 if self.plan.resume_uri else int(os.environ.get(CRASH_ENV, "0") or 0)
         try:
             while self.step < cfg.schedule.max_steps:
                 metrics = self._train_step(batches)  # step self.step + 1
@@ -582,9 +584,10 @@ class Trainer:
                 dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, storage: Storage | None = None) -> TrainResult:
-    """The entrypoint: preflight -> build -> (resume) -> train -> checkpoint -> export -> close."""
-    trainer = Trainer(cfg, storage)
+def train(cfg: TrainConfig, storage: Storage | None = None, logger: Logger | None = None) -> TrainResult:
+    """The entrypoint: preflight -> build -> (resume) -> train -> checkpoint -> export -> close.
+    logger: rank 0's logger (default console + JSONL in run_dir); other ranks should pass None."""
+    trainer = Trainer(cfg, storage, logger)
     try:
         return trainer.run()
     finally:

@@ -1,0 +1,93 @@
+"""Training stages under Ray Train: `TorchTrainer` starts one process per worker and each runs
+`pipeline.trainer.train`, the same entrypoint as `maskdino train`.
+
+Fault tolerance comes from two layers that already exist, not from Ray's own checkpoint store:
+`FailureConfig(max_failures)` restarts the whole worker group after a worker dies, and the restarted
+`train` finds the newest *complete* checkpoint in the run's `run_dir` (`resume: auto`) with every
+rank's data position and RNG, so the stage continues exactly where its last checkpoint left it. Ray's
+`RunConfig.storage_path` only holds Ray's own experiment state.
+
+Ray Train makes the process group (gloo on CPU, nccl with GPUs) and sets RANK / LOCAL_RANK /
+WORLD_SIZE / MASTER_ADDR (the node IP, not 127.0.0.1); the trainer joins that group and leaves it to Ray.
+Rank 0 logs to the console, the run's JSONL and, when a tracking URI and run id are given, to MLflow.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import config_from_dict, config_to_dict
+from pipeline.train_config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Ray Train's ScalingConfig, from the pipeline config."""
+
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+
+
+@dataclass(frozen=True)
+class RayTrainOutcome:
+    steps: int
+    run_dir: str
+    bundle: str | None
+
+
+def _worker(payload: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: the plain trainer, with rank 0 also logging to MLflow."""
+    import ray.train
+
+    from pipeline.tracking import MultiLogger, make_logger
+    from pipeline.trainer import train
+
+    os.environ.update(payload.get("env", {}))
+    cfg = config_from_dict(TrainConfig, payload["train"], source=payload.get("source", "pipeline"))
+    logger = None
+    if ray.train.get_context().get_world_rank() == 0 and payload.get("mlflow_run_id"):
+        from data_prep.storage import Storage
+        from pipeline.mlflow_tracking import MlflowLogger
+
+        local = make_logger(cfg.run_dir, cfg.schedule.max_steps, Storage(cfg.storage), cfg.log.print_every)
+        logger = MultiLogger(local, MlflowLogger(payload["tracking_uri"], payload["mlflow_run_id"]))
+    train(cfg, logger=logger)
+
+
+def run_training(cfg: TrainConfig, scaling: Scaling, max_failures: int, storage_path: str, name: str,
+                 tracking_uri: str = "", mlflow_run_id: str = "", env: dict[str, str] | None = None
+                 ) -> RayTrainOutcome:
+    """Train `cfg` on a Ray cluster (ray.init done by the caller). Raises the workers' error when
+    Ray Train gives up after `max_failures` restarts."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    payload = {"train": config_to_dict(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
+               "env": dict(env or {}), "source": name}
+    trainer = TorchTrainer(
+        _worker, train_loop_config=payload,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures)))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return _outcome(cfg)
+
+
+def _outcome(cfg: TrainConfig) -> RayTrainOutcome:
+    """Read from the run itself (Ray Train v2 keeps no metrics reported without a checkpoint)."""
+    from data_prep.storage import Storage, join
+    from pipeline.checkpoint import latest_complete
+    from pipeline.model_bundle import WEIGHTS_NAME
+    from pipeline.trainer import BUNDLE_DIR
+
+    storage = Storage(cfg.storage)
+    latest = latest_complete(storage, cfg.run_dir)
+    bundle = join(cfg.run_dir, BUNDLE_DIR)
+    return RayTrainOutcome(steps=latest[0] if latest else 0, run_dir=cfg.run_dir,
+                           bundle=bundle if storage.exists(join(bundle, WEIGHTS_NAME)) else None)
