@@ -10,7 +10,12 @@ import pytest
 
 from data_prep.synthetic import SyntheticSpec, make_synthetic
 from orchestration.ray_train import Scaling, run_training
-from pipeline.mlflow_tracking import client, default_tracking_uri, ensure_experiment, start_run
+from pipeline.mlflow_tracking import (
+    client,
+    default_tracking_uri,
+    ensure_experiment,
+    start_run,
+)
 from pipeline.train_config import load_train_config
 from pipeline.trainer import CRASH_ENV
 from tests.shard_helpers import run_shard
