@@ -19,6 +19,7 @@ manifests, eval report and per-class table, prediction pictures, the loss curve.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import shutil
@@ -86,7 +87,8 @@ def run_pipeline(path: str, force: tuple[str, ...] = (), dry_run: bool = False,
     parent = start_run(tracking_uri, experiment, pipeline.cfg.name,
                        tags={"code_version": plan.code_version, "pipeline": os.path.abspath(path)})
     outcome = PipelineOutcome(plan, tracking_uri, parent, {})
-    with _ray(pipeline):
+    work = any(st.status == "run" for st in plan.stages.values())
+    with _ray(pipeline) if work else contextlib.nullcontext():  # all cached: no cluster needed
         _Scheduler(plan, storage, outcome, experiment).run()
     end_run(tracking_uri, parent, "FINISHED" if outcome.ok else "FAILED")
     print(summary(outcome), flush=True)
@@ -142,7 +144,7 @@ class _Scheduler:
     def _cpus(self) -> float:
         import ray
 
-        return float(ray.cluster_resources().get("CPU", 1))
+        return float(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1.0
 
     def _demand(self, name: str) -> float:
         stage = self.plan.pipeline.stages[name]
