@@ -579,13 +579,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except _user_errors() as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise  # a bug: keep the traceback
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _is_user_error(exc: Exception) -> bool:
+    # ConfigError first: building the full tuple imports torch (~5 s), too slow for a mistyped address.
+    if isinstance(exc, ConfigError):
+        return True
+    return isinstance(exc, _user_errors())
 
 
 if __name__ == "__main__":
