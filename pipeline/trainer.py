@@ -29,7 +29,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -312,6 +312,7 @@ class Trainer:
                                   rank=self.rank, world_size=self.world, state=loader_state)
         self.checkpoints: list[str] = []
         self._on_batch: OnBatch | None = None
+        self._data_counts: dict[str, int] = {}
         # Last: a run that fails to start leaves no metrics file behind.
         if self.logger is None:
             self.logger = make_logger(cfg.run_dir, cfg.schedule.max_steps, self.storage, cfg.log.print_every)
@@ -467,6 +468,7 @@ class Trainer:
             for k, v in loss_terms.items():
                 terms[k] = terms.get(k, 0) + v.detach().float() / self.cfg.engine.grad_accumulation
         reduced = self._reduce_terms(terms, images_seen)
+        self._data_counts = reduced["data"]
         seconds = time.perf_counter() - started
         lrs = {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups if "name" in g}
         norm = self.engine.get_global_grad_norm()
@@ -489,31 +491,24 @@ class Trainer:
         return max(float(count.item()) / self.world, 1.0)
 
     def _reduce_terms(self, terms: dict[str, Tensor], images: int) -> dict[str, Any]:
-        """Loss terms averaged over ranks; images summed. One all-reduce, keys in the criterion's fixed
-        order so every rank packs the same vector even when a term is absent on one of them."""
+        """Loss terms averaged over ranks; images and loader counters summed. One all-reduce (float64:
+        counters stay exact past 2**24), keys in the criterion's fixed order so every rank packs the
+        same vector even when a term is absent on one of them."""
         names = sorted(self.model.criterion.weight_dict)
-        values = [terms[k].to(self.device) if k in terms else torch.zeros((), device=self.device) for k in names]
-        packed = torch.stack(values + [torch.tensor(float(images), device=self.device)])
+        stats = asdict(self.loader.stats())
+        values = [float(terms[k]) if k in terms else 0.0 for k in names] + [float(images)]
+        packed = torch.tensor(values + [float(v) for v in stats.values()], dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(packed)
-        averaged = (packed[:-1] / self.world).tolist()
-        return {"losses": {k: v for k, v, present in zip(names, averaged, [k in terms for k in names]) if present},
-                "images": float(packed[-1])}
+        summed = packed.tolist()
+        losses = {k: summed[i] / self.world for i, k in enumerate(names) if k in terms}
+        counts = dict(zip(stats, (int(v) for v in summed[len(names) + 1:])))
+        return {"losses": losses, "images": summed[len(names)], "data": counts}
 
     def _log(self, metrics: StepMetrics) -> None:
         values = metrics.as_dict()
-        stats = self._global_loader_stats()
-        values.update({f"data/{k}": float(v) for k, v in stats.items()})
+        values.update({f"data/{k}": float(v) for k, v in self._data_counts.items()})
         self.logger.log_metrics(values, self.step)
-
-    def _global_loader_stats(self) -> dict[str, int]:
-        local = self.loader.stats()
-        counts = torch.tensor([local.samples, local.skipped_undecodable, local.dropped_by_transform,
-                               local.shard_retries, local.shards_skipped], dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(counts)
-        keys = ("samples", "skipped_undecodable", "dropped_by_transform", "shard_retries", "shards_skipped")
-        return {k: int(v) for k, v in zip(keys, counts.tolist())}
 
     # ------------------------------------------------------------------ checkpoints
 
