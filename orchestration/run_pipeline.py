@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,7 +138,6 @@ class _ray:
 class _Scheduler:
     def __init__(self, plan: planning.Plan, storage: Storage, outcome: PipelineOutcome, experiment: str):
         self.plan, self.storage, self.outcome, self.experiment = plan, storage, outcome, experiment
-        self.lock = threading.Lock()
 
     def _cpus(self) -> float:
         import ray

@@ -427,7 +427,8 @@ class TrainLoader(Generic[B]):
     def __init__(self, config: LoaderConfig, transform: Transform, *,
                  collate: Callable[[list[Any]], B] | None = None, storage: Storage | None = None,
                  rank: int | None = None, world_size: int | None = None,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, manifest: Manifest | None = None) -> None:
+        """manifest: the parsed `config.manifest`, when the caller has already read it."""
         self.config = config
         self.storage = storage or Storage()
         self.transform = transform
@@ -435,7 +436,7 @@ class TrainLoader(Generic[B]):
         own_rank, own_world = rank_and_world()
         self.rank = own_rank if rank is None else rank
         self.world_size = own_world if world_size is None else world_size
-        self.urls, self.counts = self._read_manifest()
+        self.urls, self.counts = self._read_manifest(manifest)
         self.slots = max(1, config.num_workers)
         self.seed = config.seed
         self.batches = 0
@@ -446,8 +447,8 @@ class TrainLoader(Generic[B]):
         if state is not None:
             self.load_state_dict(state)
 
-    def _read_manifest(self) -> tuple[list[str], list[int]]:
-        manifest = read_training_manifest(self.storage, self.config.manifest)
+    def _read_manifest(self, manifest: Manifest | None) -> tuple[list[str], list[int]]:
+        manifest = manifest or read_training_manifest(self.storage, self.config.manifest)
         return shard_urls(manifest, self.config.manifest), [s.samples for s in manifest.shards]
 
     # ------------------------------------------------------------------ iteration

@@ -289,6 +289,7 @@ class Trainer:
         self.plan = preflight(cfg, self.storage)  # before anything expensive or collective
         self.rank, self.world, self._own_group = init_process_group()
         self.logger: Logger | None = logger
+        self._fetch_error: TrainError | None = None  # set by _fetch on the rank that downloads
         try:
             self._build()
         except BaseException:
@@ -309,7 +310,8 @@ class Trainer:
         self.step = 0
         loader_state = self._resume() if self.plan.resume_uri else self._fresh_start()
         self.loader = TrainLoader(cfg.loader_config(), self._transform(), collate=collate_batch, storage=self.storage,
-                                  rank=self.rank, world_size=self.world, state=loader_state)
+                                  rank=self.rank, world_size=self.world, state=loader_state,
+                                  manifest=self.plan.manifest)  # read once, by preflight
         self.checkpoints: list[str] = []
         self._on_batch: OnBatch | None = None
         self._data_counts: dict[str, int] = {}
@@ -405,7 +407,7 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(flag)
         if flag.item():
-            raise getattr(self, "_fetch_error", None) or _fail(message)
+            raise self._fetch_error or _fail(message)
 
     def _repair_zero3_groups(self, groups: list[dict[str, Any]]) -> None:
         """DeepSpeed 0.19's ZeRO-3 universal load copies group 0's settings (name, lr, weight decay) into
