@@ -11,9 +11,9 @@ STOPPED 3, still PENDING after --pending-timeout 4, still running after --timeou
 
 Security. The dashboard port accepts job submissions, i.e. runs any command as the Ray user, and
 token authentication is the only guard (on by default in our Ray 2.60; ``RAY_AUTH_MODE``).
-- Our local Ray (`ray.init` in data_prep/fanout.py and the tests) starts with
-  ``include_dashboard=False``; where a dashboard is wanted locally, bind it with
-  ``dashboard_host="127.0.0.1"``.
+- Our local Rays bind what they serve to 127.0.0.1: `maskdino run` starts its dashboard with
+  ``dashboard_host="127.0.0.1"`` (Ray Train needs its state API), `maskdino shard` and the tests start
+  theirs with ``include_dashboard=False``.
 - A head that receives `maskdino submit` should be started with ``--dashboard-host=127.0.0.1`` (the
   default; never 0.0.0.0) and be reached through an SSH tunnel
   (``ssh -N -L 8265:127.0.0.1:8265 head-node``, then ``--address http://127.0.0.1:8265``) or an

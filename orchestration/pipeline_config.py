@@ -5,8 +5,8 @@
     name: demo                          # MLflow parent run name; experiment defaults to it
     run_root: demo_out/pipeline         # local folder or s3:// prefix; relative = to the working directory
     tracking_uri: ""                    # "" = sqlite:///<run_root>/mlflow.db (local run_root only)
-    ray: {address: "", num_cpus: 0, runtime_env: {}}
-    scaling: {workers: 1, use_gpu: false, cpus_per_worker: 2}   # Ray Train, for every train stage
+    ray: {address: "", num_cpus: 0, dashboard_port: 0, runtime_env: {}}
+    scaling: {workers: 1, use_gpu: false, cpus_per_worker: 2}   # Ray Train, for train and evaluate stages
     failure: {max_failures: 1}
     stages:                             # file order = tie-break order of the topological sort
       shard_coco:   {kind: shard, config: ../data/demo_coco_instances.yaml, splits: [train, val]}
@@ -24,7 +24,7 @@ kind       inputs                                      fields (besides config / 
 shard      (none)                                      ``splits`` (default [train, val])
 train      data: shard (required), init: train         ``split`` (of the data, default train), ``scaling``
 evaluate   model: train, data: shard (both required)   ``split`` (default val), ``batch_size``,
-                                                       ``min_size``, ``max_size``, ``limit``
+                                                       ``min_size``, ``max_size``, ``limit``, ``scaling``
 register   model: train, report: evaluate (required)   ``name`` (required), ``task`` ("" = the report's),
                                                        ``promote`` (move ``champion`` if better)
 =========  ==========================================  =============================================
@@ -95,7 +95,7 @@ _COMMON_FIELDS = ("kind", "config", "overrides", "inputs")
 _KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "shard": ("splits",),
     "train": ("split", "scaling"),
-    "evaluate": ("split", "batch_size", "min_size", "max_size", "limit"),
+    "evaluate": ("split", "batch_size", "min_size", "max_size", "limit", "scaling"),
     "register": ("name", "task", "promote"),
 }
 _DEFAULT_SPLIT = {"train": "train", "evaluate": "val"}
@@ -117,11 +117,16 @@ def input_placeholder(role: str) -> str:
 class RayConfig:
     address: str = ""  # "" = local ray.init() (inside a Ray Job: the job's cluster)
     num_cpus: int = 0  # local Ray only; 0 = all cores
+    # Local Ray only: the dashboard, always on 127.0.0.1 (never 0.0.0.0: it runs any submitted job);
+    # Ray Train's clean-up actor polls the state API it serves. 0 = any free port (Ray prints the URL).
+    dashboard_port: int = 0
     runtime_env: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0:
             raise ValueError(f"num_cpus={self.num_cpus} must be >= 0")
+        if not 0 <= self.dashboard_port < 65536:
+            raise ValueError(f"dashboard_port={self.dashboard_port} must be a port number (0 = any free port)")
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,7 @@ class StageConfig:
     splits: tuple[str, ...] = ("train", "val")
     # train (the data split to train on) / evaluate (the split to evaluate); "" = train / val
     split: str = ""
-    scaling: ScalingConfig | None = None  # train: replaces the pipeline's `scaling`
+    scaling: ScalingConfig | None = None  # train / evaluate: replaces the pipeline's `scaling`
     # evaluate (pipeline.evaluate.EvalSettings)
     batch_size: int = 1
     min_size: int = -1  # test-time short side; -1 = the dataset's official value, 0 = no resize

@@ -1,5 +1,7 @@
-"""Training stages under Ray Train: `TorchTrainer` starts one process per worker and each runs
-`pipeline.trainer.train`, the same entrypoint as `maskdino train`.
+"""Training and evaluation stages under Ray Train: `TorchTrainer` starts one process per worker; for
+training each runs `pipeline.trainer.train`, the same entrypoint as `maskdino train`, for evaluation
+`pipeline.evaluate.evaluate`, the same as `maskdino evaluate` (each rank its block of the manifest,
+rank 0 writes the report).
 
 Fault tolerance comes from two layers that already exist, not from Ray's own checkpoint store:
 `FailureConfig(max_failures)` restarts the whole worker group after a worker dies, and the restarted
@@ -46,14 +48,33 @@ def _worker(payload: dict[str, Any]) -> None:
 
     os.environ.update(payload.get("env", {}))
     cfg = config_from_dict(TrainConfig, payload["train"], source=payload.get("source", "pipeline"))
+    context = ray.train.get_context()
+    tracking_uri, run_id = payload.get("tracking_uri", ""), payload.get("mlflow_run_id", "")
     logger = None
-    if ray.train.get_context().get_world_rank() == 0 and payload.get("mlflow_run_id"):
+    if context.get_world_rank() == 0 and run_id:
         from data_prep.storage import Storage
         from pipeline.mlflow_tracking import MlflowLogger
 
         local = make_logger(cfg.run_dir, cfg.schedule.max_steps, Storage(cfg.storage), cfg.log.print_every)
-        logger = MultiLogger(local, MlflowLogger(payload["tracking_uri"], payload["mlflow_run_id"]))
-    train(cfg, logger=logger)
+        logger = MultiLogger(local, MlflowLogger(tracking_uri, run_id))
+    monitor = _system_metrics(context, tracking_uri, run_id)
+    try:
+        train(cfg, logger=logger)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _system_metrics(context: Any, tracking_uri: str, run_id: str) -> Any:
+    """MLflow system metrics (CPU, memory, disk, network, GPU with nvidia-ml-py) from one worker per
+    node, the one with local rank 0; on several nodes each logs under ``system/node_<rank>/...``. A
+    restarted worker group continues the metrics' step count (resume_logging)."""
+    if not run_id or context.get_local_rank() != 0:
+        return None
+    from pipeline.mlflow_tracking import enable_system_metrics
+
+    several_nodes = context.get_world_size() > context.get_local_world_size()
+    return enable_system_metrics(tracking_uri, run_id, node_id=f"node_{context.get_node_rank()}" if several_nodes else None)
 
 
 def run_training(cfg: TrainConfig, scaling: Scaling, max_failures: int, storage_path: str, name: str,
@@ -91,3 +112,69 @@ def _outcome(cfg: TrainConfig) -> RayTrainOutcome:
     bundle = join(cfg.run_dir, BUNDLE_DIR)
     return RayTrainOutcome(steps=latest[0] if latest else 0, run_dir=cfg.run_dir,
                            bundle=bundle if storage.exists(join(bundle, WEIGHTS_NAME)) else None)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+UNTRAINED_DIR = "untrained"  # <evaluate output>/untrained/report.json: the baseline the metric is read against
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One evaluate stage: the trained bundle and, as baseline, the same architecture untrained."""
+
+    bundle: str  # model bundle folder (local or s3://)
+    manifest: str  # manifest.json of the evaluation split
+    output: str  # report.json, per_class.md, ...; the baseline's under output/untrained/
+    settings: dict[str, Any]  # EvalSettings keywords except device / progress
+    storage: Any  # StorageConfig
+
+
+def _eval_worker(payload: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: evaluate the bundle, then the untrained model of its config
+    (seeded: the same random weights on every rank and in every run)."""
+    import torch
+
+    from data_prep.storage import Storage, join
+    from pipeline.evaluate import EvalSettings, evaluate, write_report
+    from pipeline.model_bundle import open_bundle
+
+    job: EvalJob = payload["job"]
+    storage = Storage(job.storage)
+    device = "cpu"
+    if payload["use_gpu"]:
+        import ray.train.torch
+
+        device = str(ray.train.torch.get_device())
+    settings = EvalSettings(device=device, progress=False, **job.settings)
+    torch.manual_seed(0)
+    untrained = open_bundle(storage, config=join(job.bundle, "config.yaml"))
+    for bundle, output in ((open_bundle(storage, model=job.bundle), job.output),
+                           (untrained, join(job.output, UNTRAINED_DIR))):
+        out = evaluate(bundle, job.manifest, storage, settings)
+        if out is not None:  # rank 0
+            write_report(storage, output, *out)
+
+
+def run_evaluation(job: EvalJob, scaling: Scaling, storage_path: str, name: str) -> tuple[dict, dict]:
+    """Evaluate under Ray Train (ray.init done by the caller); returns the trained and the untrained
+    model's report.json contents."""
+    import json
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from data_prep.storage import Storage, join
+
+    trainer = TorchTrainer(
+        _eval_worker, train_loop_config={"job": job, "use_gpu": scaling.use_gpu},
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=0)))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    storage = Storage(job.storage)
+    return tuple(json.loads(storage.read_bytes(join(out, "report.json")))  # type: ignore[return-value]
+                 for out in (job.output, join(job.output, UNTRAINED_DIR)))

@@ -4,12 +4,12 @@ Order of work: load + validate every stage config -> plan (keys, cached stages) 
 (--dry-run stops here) -> Ray up -> MLflow parent run -> stages as their inputs finish -> summary.
 
 Scheduling: a stage starts once every input stage has finished, as soon as the CPUs it needs are
-free (train: workers x cpus_per_worker; others: 1), so independent fine-tunes run side by side on a
-cluster and one after another on a laptop. Each stage runs in a driver thread that only launches
-Ray work: sharding fans out as Ray tasks, training runs under Ray Train (orchestration/ray_train.py),
-evaluation as one Ray task. A stage that fails stops the pipeline after the running ones finish;
-its success marker is not written, so the next run retries it (a train stage resumes from its
-newest complete checkpoint).
+free (train, evaluate: workers x cpus_per_worker; others: 1), so independent fine-tunes run side by
+side on a cluster and one after another on a laptop. Each stage runs in a driver thread that only
+launches Ray work: sharding fans out as Ray tasks; training and evaluation (the trained model, then
+the same architecture untrained as the baseline) run under Ray Train (orchestration/ray_train.py).
+A stage that fails stops the pipeline after the running ones finish; its success marker is not
+written, so the next run retries it (a train stage resumes from its newest complete checkpoint).
 
 MLflow: the experiment is created once here (never by workers: see pipeline/mlflow_tracking.py);
 one parent run per invocation and one nested run per stage that runs, with its resolved config as
@@ -106,7 +106,9 @@ def _tracking_uri(pipeline: Pipeline) -> str:
 
 
 class _ray:
-    """ray.init for the pipeline (local by default, keeping the dashboard off) unless already up."""
+    """ray.init for the pipeline unless already up: a cluster's address, or a local Ray whose dashboard
+    listens on 127.0.0.1 only (Ray Train's placement-group cleaner polls the state API it serves;
+    without it every worker group logs "State API may be temporarily unavailable" each second)."""
 
     def __init__(self, pipeline: Pipeline):
         self.cfg = pipeline.cfg.ray
@@ -116,12 +118,14 @@ class _ray:
         import ray
 
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"runtime_env": self.cfg.runtime_env or None, "include_dashboard": False}
+            kwargs: dict[str, Any] = {"runtime_env": self.cfg.runtime_env or None}
             if self.cfg.address:
                 kwargs["address"] = self.cfg.address
-            elif self.cfg.num_cpus:
-                kwargs["num_cpus"] = self.cfg.num_cpus
-            ray.init(**kwargs)
+            else:
+                kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=self.cfg.dashboard_port)
+                if self.cfg.num_cpus:
+                    kwargs["num_cpus"] = self.cfg.num_cpus
+            ray.init(**kwargs)  # Ray prints the dashboard's URL
             self.started = True
         return self
 
@@ -145,10 +149,9 @@ class _Scheduler:
         return float(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1.0
 
     def _demand(self, name: str) -> float:
-        stage = self.plan.pipeline.stages[name]
-        if stage.cfg.kind != "train":
+        if self.plan.stages[name].kind not in ("train", "evaluate"):  # Ray Train stages
             return 1.0
-        s = stage.cfg.scaling or self.plan.pipeline.cfg.scaling
+        s = self.plan.pipeline.scaling(name)
         return float(s.workers * s.cpus_per_worker)
 
     def run(self) -> None:
@@ -255,22 +258,31 @@ def _manifest_samples(storage: Storage, uri: str) -> int:
 
 
 def _run_train(s: _Scheduler, name: str, run_id: str) -> dict[str, Any]:
-    from orchestration.ray_train import Scaling, run_training
+    from orchestration.ray_train import run_training
 
     cfg = planning.train_config(s.plan, name)
-    stage_cfg = s.plan.pipeline.stages[name].cfg
-    scaling = stage_cfg.scaling or s.plan.pipeline.cfg.scaling
-    root = s.plan.pipeline.cfg.run_root
-    ray_dir = join(root, "ray") if not is_s3(root) else os.path.join(tempfile.gettempdir(), "maskdino-ray")
-    outcome = run_training(cfg, Scaling(scaling.workers, scaling.use_gpu, scaling.cpus_per_worker),
-                           s.plan.pipeline.cfg.failure.max_failures, os.path.abspath(ray_dir), name,
-                           tracking_uri=s.outcome.tracking_uri, mlflow_run_id=run_id)
+    outcome = run_training(cfg, _scaling(s, name), s.plan.pipeline.cfg.failure.max_failures, _ray_storage_path(s),
+                           name, tracking_uri=s.outcome.tracking_uri, mlflow_run_id=run_id)
     with s.logger(run_id) as log:
         log.log_artifact("config.yaml", s.storage.read_bytes(join(cfg.run_dir, "config.yaml")))
         curve = loss_curve_png(s.storage, cfg.run_dir)
         if curve is not None:
             log.log_artifact("loss_curve.png", curve)
     return {"steps": outcome.steps, "bundle": outcome.bundle}
+
+
+def _scaling(s: _Scheduler, name: str) -> Any:
+    from orchestration.ray_train import Scaling
+
+    c = s.plan.pipeline.scaling(name)
+    return Scaling(c.workers, c.use_gpu, c.cpus_per_worker)
+
+
+def _ray_storage_path(s: _Scheduler) -> str:
+    """Ray Train's own experiment state (our checkpoints live in each run_dir): beside the stages for a
+    local run_root, in the temp folder for an S3 one."""
+    root = s.plan.pipeline.cfg.run_root
+    return os.path.abspath(join(root, "ray") if not is_s3(root) else os.path.join(tempfile.gettempdir(), "maskdino-ray"))
 
 
 def loss_curve_png(storage: Storage, run_dir: str) -> bytes | None:
@@ -302,55 +314,38 @@ def loss_curve_png(storage: Storage, run_dir: str) -> bytes | None:
     return buf.getvalue()
 
 
-def _evaluate_task(bundle_uri: str | None, config_only: str, manifest: str, settings: dict[str, Any],
-                   storage_cfg: Any, output: str | None) -> dict[str, Any]:
-    """In a Ray task: evaluate a bundle (or, with bundle_uri None, the untrained model of the same
-    config) and, for a bundle, write report.json / per_class.md into `output`."""
-    import torch
-
-    from data_prep.storage import Storage
-    from pipeline.evaluate import EvalSettings, evaluate, write_report
-    from pipeline.model_bundle import open_bundle
-
-    storage = Storage(storage_cfg)
-    if bundle_uri:
-        bundle = open_bundle(storage, model=bundle_uri)
-    else:  # the same architecture, randomly initialised (seeded: the baseline is reproducible)
-        torch.manual_seed(0)
-        bundle = open_bundle(storage, config=config_only)
-    out = evaluate(bundle, manifest, storage, EvalSettings(device="cpu", progress=False, **settings))
-    assert out is not None  # one process: rank 0
-    report, task_report = out
-    if output:
-        write_report(storage, output, report, task_report)
-    return {"metrics": report.to_json(), "primary": report.primary(), "headline": report.headline()}
-
-
 def _run_evaluate(s: _Scheduler, name: str, run_id: str) -> dict[str, Any]:
-    import ray
+    from orchestration.ray_train import UNTRAINED_DIR, EvalJob, run_evaluation
 
-    stage = s.plan.pipeline.stages[name].cfg
-    bundle = planning.input_bundle(s.plan, name)
-    manifest = planning.input_manifest(s.plan, name, stage.split or "val")
-    settings = planning.eval_settings(s.plan, name)
-    task = ray.remote(num_cpus=1)(_evaluate_task)
-    trained = ray.get(task.remote(bundle, "", manifest, settings, s.plan.pipeline.cfg.storage, s.plan.stages[name].output))
-    untrained = ray.get(task.remote(None, join(bundle, "config.yaml"), manifest, settings,
-                                    s.plan.pipeline.cfg.storage, None))
-    metric_name, value = trained["primary"]
-    _, untrained_value = untrained["primary"]
-    pictures = _pictures(s, name, bundle, manifest)
+    stage = s.plan.stages[name]
+    job = EvalJob(bundle=planning.input_bundle(s.plan, name),
+                  manifest=planning.input_manifest(s.plan, name, s.plan.pipeline.stages[name].cfg.split or "val"),
+                  output=stage.output, settings=planning.eval_settings(s.plan, name),
+                  storage=s.plan.pipeline.cfg.storage)
+    trained, untrained = run_evaluation(job, _scaling(s, name), _ray_storage_path(s), name)
+    metric_name, value = trained["primary_metric"]["name"], trained["primary_metric"]["value"]
+    untrained_value = untrained["primary_metric"]["value"]
+    pictures = _pictures(s, name, job.bundle, job.manifest)
     with s.logger(run_id) as log:
-        log.log_params({"manifest": manifest, "model": bundle, **settings})
+        log.log_params({"manifest": job.manifest, "model": job.bundle, "world_size": trained["world_size"],
+                        **job.settings})
         log.log_metrics({metric_name: value or 0.0, f"untrained/{metric_name}": untrained_value or 0.0}, 0)
-        out = s.plan.stages[name].output
         for part in ("report.json", "per_class.md"):
-            log.log_artifact(part, s.storage.read_bytes(join(out, part)))
+            log.log_artifact(part, s.storage.read_bytes(join(stage.output, part)))
+            log.log_artifact(f"{UNTRAINED_DIR}/{part}", s.storage.read_bytes(join(stage.output, UNTRAINED_DIR, part)))
         for uri in pictures:
             log.log_artifact(f"pictures/{uri.rsplit('/', 1)[-1]}", s.storage.read_bytes(uri))
-    print(f"[{name}] {trained['headline']}; untrained model: {metric_name} {untrained_value}", flush=True)
+    print(f"[{name}] {metric_name} {_shown(metric_name, value)} on {trained['num_images']} images "
+          f"({trained['world_size']} rank(s)); untrained model: {_shown(metric_name, untrained_value)}", flush=True)
     return {"metric_name": metric_name, "metric": value, "untrained_metric": untrained_value,
-            "task": trained["metrics"]["task"], "pictures": pictures}
+            "task": trained["task"], "pictures": pictures}
+
+
+def _shown(metric_name: str, value: float | None) -> str:
+    """As reports print them: AP and PQ are stored as fractions, mIoU in percent; all shown in percent."""
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if metric_name == "mIoU" else f"{100 * value:.2f}"
 
 
 def _pictures(s: _Scheduler, name: str, bundle: str, manifest: str, count: int = 2) -> list[str]:
@@ -427,10 +422,11 @@ def summary(outcome: PipelineOutcome) -> str:
         if st.kind == "register" and st.result:
             r = st.result
             lines.append(f"champion models:/{r['name']}@champion = version {r.get('champion')} "
-                         f"(this run: version {r['version']}, {r['metric_name']} {r['metric']})")
+                         f"(this run: version {r['version']}, {r['metric_name']} {_shown(r['metric_name'], r['metric'])})")
         if st.kind == "evaluate" and st.result:
             r = st.result
-            lines.append(f"{st.name}: {r['metric_name']} {r['metric']} (untrained {r['untrained_metric']}); "
+            lines.append(f"{st.name}: {r['metric_name']} {_shown(r['metric_name'], r['metric'])} "
+                         f"(untrained {_shown(r['metric_name'], r['untrained_metric'])}); "
                          f"pictures: {', '.join(r.get('pictures', []))}")
         if st.status == "failed":
             lines.append(f"FAILED {st.name}: {st.error}")

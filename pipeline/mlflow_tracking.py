@@ -103,13 +103,17 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(tracking_uri).set_terminated(run_id, status=status)
 
 
-def enable_system_metrics(tracking_uri: str, run_id: str, sampling_interval_s: float = 10.0) -> Any:
-    """Start MLflow's system-metrics thread (CPU, memory, disk, network, GPU; ``system/...`` metrics)
-    on ``run_id``; returns the monitor, whose ``finish()`` stops it. It stops by itself once the run
-    is no longer RUNNING."""
+def enable_system_metrics(tracking_uri: str, run_id: str, sampling_interval_s: float = 10.0,
+                          node_id: str | None = None) -> Any:
+    """Start MLflow's system-metrics thread (CPU, memory, disk, network, GPU; ``system/...`` metrics,
+    ``system/<node_id>/...`` with a node id) on ``run_id``; returns the monitor, whose ``finish()``
+    stops it. It stops by itself once the run is no longer RUNNING. Steps continue after those already
+    logged (a restarted process appends). ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides the
+    interval."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s, tracking_uri=tracking_uri)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s, tracking_uri=tracking_uri,
+                                   node_id=node_id, resume_logging=True)
     monitor.start()
     return monitor
 

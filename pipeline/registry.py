@@ -99,6 +99,9 @@ def register_bundle(tracking_uri: str | None, run_id: str, bundle_uri: str, name
     """Log the bundle as a pyfunc in ``run_id``'s artifacts, register it as a new version of ``name``
     tagged with task, metric and lineage, and point ``candidate`` at it. Returns the version."""
     mc = _client(tracking_uri)
+    # save_model copies each artifact with a progress bar of its own: three bars of noise per model in a
+    # pipeline log. A user who wants them sets the variable.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory(prefix="maskdino-register-") as tmp:
         model_dir = _save_pyfunc(_local_bundle_files(storage, bundle_uri, os.path.join(tmp, "bundle")), tmp)
         mc.log_artifacts(run_id, model_dir, artifact_path=MODEL_SUBDIR)

@@ -50,7 +50,7 @@ def test_a_killed_worker_is_restarted_and_the_stage_completes_from_its_checkpoin
     # Every worker exits hard after step 5 in the first attempt; the restarted group resumes from step 3.
     outcome = run_training(cfg, Scaling(workers=2), max_failures=1, storage_path=str(tmp_path / "ray"),
                            name="finetune_instance", tracking_uri=uri, mlflow_run_id=run_id,
-                           env={CRASH_ENV: "5"})
+                           env={CRASH_ENV: "5", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
 
     assert outcome.steps == 8 and outcome.bundle == f"{run_dir}/model"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -64,3 +64,8 @@ def test_a_killed_worker_is_restarted_and_the_stage_completes_from_its_checkpoin
         by_step.setdefault(m.step, set()).add(m.value)
     assert sorted(by_step) == list(range(1, 9))  # one continuous history, no gap
     assert all(len(values) == 1 for values in by_step.values())  # a replayed step repeats its value
+    # system metrics from the one node, continued (not restarted at step 0) by the restarted worker group
+    cpu = client(uri).get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and all(0 <= m.value <= 100 * 64 for m in cpu)
+    assert len({m.step for m in cpu}) == len(cpu)
+    assert client(uri).get_metric_history(run_id, "system/system_memory_usage_megabytes")
