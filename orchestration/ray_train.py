@@ -82,13 +82,21 @@ def run_training(cfg: TrainConfig, scaling: Scaling, max_failures: int, storage_
                  ) -> RayTrainOutcome:
     """Train `cfg` on a Ray cluster (ray.init done by the caller). Raises the workers' error when
     Ray Train gives up after `max_failures` restarts."""
+    payload = {"train": config_to_dict(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
+               "env": dict(env or {}), "source": name}
+    _fit(_worker, payload, scaling, max_failures, storage_path, name)
+    return _outcome(cfg)
+
+
+def _fit(worker: Any, payload: dict[str, Any], scaling: Scaling, max_failures: int, storage_path: str,
+         name: str) -> None:
+    """Run ``worker(payload)`` on every worker of a TorchTrainer; raises the workers' error when Ray
+    Train gives up."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    payload = {"train": config_to_dict(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
-               "env": dict(env or {}), "source": name}
     trainer = TorchTrainer(
-        _worker, train_loop_config=payload,
+        worker, train_loop_config=payload,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
@@ -97,7 +105,6 @@ def run_training(cfg: TrainConfig, scaling: Scaling, max_failures: int, storage_
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return _outcome(cfg)
 
 
 def _outcome(cfg: TrainConfig) -> RayTrainOutcome:
@@ -156,25 +163,15 @@ def _eval_worker(payload: dict[str, Any]) -> None:
             write_report(storage, output, *out)
 
 
-def run_evaluation(job: EvalJob, scaling: Scaling, storage_path: str, name: str) -> tuple[dict, dict]:
-    """Evaluate under Ray Train (ray.init done by the caller); returns the trained and the untrained
-    model's report.json contents."""
+def run_evaluation(job: EvalJob, scaling: Scaling, max_failures: int, storage_path: str, name: str
+                   ) -> tuple[dict, dict]:
+    """Evaluate under Ray Train (ray.init done by the caller; a restarted worker group evaluates
+    again from the start); returns the trained and the untrained model's report.json contents."""
     import json
-
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from data_prep.storage import Storage, join
 
-    trainer = TorchTrainer(
-        _eval_worker, train_loop_config={"job": job, "use_gpu": scaling.use_gpu},
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=0)))
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    _fit(_eval_worker, {"job": job, "use_gpu": scaling.use_gpu}, scaling, max_failures, storage_path, name)
     storage = Storage(job.storage)
     return tuple(json.loads(storage.read_bytes(join(out, "report.json")))  # type: ignore[return-value]
                  for out in (job.output, join(job.output, UNTRAINED_DIR)))

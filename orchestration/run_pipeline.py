@@ -316,13 +316,15 @@ def loss_curve_png(storage: Storage, run_dir: str) -> bytes | None:
 
 def _run_evaluate(s: _Scheduler, name: str, run_id: str) -> dict[str, Any]:
     from orchestration.ray_train import UNTRAINED_DIR, EvalJob, run_evaluation
+    from pipeline.evaluate import format_metric
 
     stage = s.plan.stages[name]
     job = EvalJob(bundle=planning.input_bundle(s.plan, name),
                   manifest=planning.input_manifest(s.plan, name, s.plan.pipeline.stages[name].cfg.split or "val"),
                   output=stage.output, settings=planning.eval_settings(s.plan, name),
                   storage=s.plan.pipeline.cfg.storage)
-    trained, untrained = run_evaluation(job, _scaling(s, name), _ray_storage_path(s), name)
+    trained, untrained = run_evaluation(job, _scaling(s, name), s.plan.pipeline.cfg.failure.max_failures,
+                                        _ray_storage_path(s), name)
     metric_name, value = trained["primary_metric"]["name"], trained["primary_metric"]["value"]
     untrained_value = untrained["primary_metric"]["value"]
     pictures = _pictures(s, name, job.bundle, job.manifest)
@@ -335,17 +337,10 @@ def _run_evaluate(s: _Scheduler, name: str, run_id: str) -> dict[str, Any]:
             log.log_artifact(f"{UNTRAINED_DIR}/{part}", s.storage.read_bytes(join(stage.output, UNTRAINED_DIR, part)))
         for uri in pictures:
             log.log_artifact(f"pictures/{uri.rsplit('/', 1)[-1]}", s.storage.read_bytes(uri))
-    print(f"[{name}] {metric_name} {_shown(metric_name, value)} on {trained['num_images']} images "
-          f"({trained['world_size']} rank(s)); untrained model: {_shown(metric_name, untrained_value)}", flush=True)
+    print(f"[{name}] {metric_name} {format_metric(metric_name, value)} on {trained['num_images']} images "
+          f"({trained['world_size']} rank(s)); untrained model: {format_metric(metric_name, untrained_value)}", flush=True)
     return {"metric_name": metric_name, "metric": value, "untrained_metric": untrained_value,
             "task": trained["task"], "pictures": pictures}
-
-
-def _shown(metric_name: str, value: float | None) -> str:
-    """As reports print them: AP and PQ are stored as fractions, mIoU in percent; all shown in percent."""
-    if value is None:
-        return "n/a"
-    return f"{value:.2f}" if metric_name == "mIoU" else f"{100 * value:.2f}"
 
 
 def _pictures(s: _Scheduler, name: str, bundle: str, manifest: str, count: int = 2) -> list[str]:
@@ -413,6 +408,8 @@ RUNNERS = {"shard": _run_shard, "train": _run_train, "evaluate": _run_evaluate, 
 
 
 def summary(outcome: PipelineOutcome) -> str:
+    from pipeline.evaluate import format_metric
+
     lines = [(f"pipeline {outcome.plan.pipeline.cfg.name}: "
              f"{sum(s.status == 'ran' for s in outcome.stages.values())} stages ran, "
              f"{sum(s.status == 'skipped' for s in outcome.stages.values())} skipped, "
@@ -422,11 +419,11 @@ def summary(outcome: PipelineOutcome) -> str:
         if st.kind == "register" and st.result:
             r = st.result
             lines.append(f"champion models:/{r['name']}@champion = version {r.get('champion')} "
-                         f"(this run: version {r['version']}, {r['metric_name']} {_shown(r['metric_name'], r['metric'])})")
+                         f"(this run: version {r['version']}, {r['metric_name']} {format_metric(r['metric_name'], r['metric'])})")
         if st.kind == "evaluate" and st.result:
             r = st.result
-            lines.append(f"{st.name}: {r['metric_name']} {_shown(r['metric_name'], r['metric'])} "
-                         f"(untrained {_shown(r['metric_name'], r['untrained_metric'])}); "
+            lines.append(f"{st.name}: {r['metric_name']} {format_metric(r['metric_name'], r['metric'])} "
+                         f"(untrained {format_metric(r['metric_name'], r['untrained_metric'])}); "
                          f"pictures: {', '.join(r.get('pictures', []))}")
         if st.status == "failed":
             lines.append(f"FAILED {st.name}: {st.error}")

@@ -73,9 +73,15 @@ class EvalReport:
 
     def headline(self) -> str:
         name, value = self.primary()
-        shown = "n/a" if value is None else (f"{value:.2f}" if name == "mIoU" else f"{100 * value:.2f}")
-        return (f"{name} {shown} on {self.num_images} {self.dataset}/{self.split} images "
+        return (f"{name} {format_metric(name, value)} on {self.num_images} {self.dataset}/{self.split} images "
                 f"({self.world_size} rank{'s' if self.world_size > 1 else ''}, {self.seconds:.1f} s)")
+
+
+def format_metric(name: str, value: float | None) -> str:
+    """A headline metric in percent, as reports print it (AP and PQ are stored as fractions, mIoU in percent)."""
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if name == "mIoU" else f"{100 * value:.2f}"
 
 
 def batched(samples: Iterable[EvalSample], batch_size: int) -> Iterator[list[EvalSample]]:
