@@ -111,7 +111,7 @@ def test_wiring_helpers_point_at_upstream_outputs(workdir, storage):
     assert cfg.run_dir == out["finetune_instance"]
     assert cfg.data.manifest == os.path.join(out["shard_coco_instances"], "train", "manifest.json")
     assert cfg.init_from == os.path.join(out["pretrain"], "model")
-    assert train_config(plan, "pretrain").schedule.max_steps == 20  # the stage's override
+    assert train_config(plan, "pretrain").schedule.max_steps == 100  # the stage's override
     assert input_manifest(plan, "evaluate_panoptic") == os.path.join(out["shard_coco_panoptic"], "val", "manifest.json")
     assert input_bundle(plan, "register_semantic") == os.path.join(out["finetune_semantic"], "model")
     assert input_report(plan, "register_instance") == os.path.join(out["evaluate_instance"], "report.json")
