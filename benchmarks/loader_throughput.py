@@ -17,6 +17,9 @@ What is measured
   - ours-disk: `pipeline.loader.TrainLoader` over the local manifest (LoaderConfig defaults
     otherwise: shuffle buffer 256, prefetch 2).
   - ours-S3: the same over `s3://<bucket>/train/manifest.json` on the moto server.
+  - loose files on S3 (a second baseline, not the goal's): the loose-file reader with each JPEG
+    fetched by one GET (a boto3 client per worker) from the same moto server, as a dataset kept
+    as loose objects in a bucket is read; `ratio_s3_vs_loose_s3` = ours-S3 / this.
   - loose files (baseline, "as detectron2 reads"): a torch DataLoader (same workers, batch size,
     prefetch) over a map-style dataset with an infinite shuffled sampler, as detectron2's
     TrainingSampler. The raw COCO JSON is parsed once up front into per-image dataset dicts, and
@@ -48,6 +51,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import io
 import itertools
 import json
 import logging
@@ -96,7 +100,7 @@ _AWS_ENV = {
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 _AWS_UNSET = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-VARIANTS = ("disk", "s3", "loose", "disk_decode", "s3_decode", "loose_decode")
+VARIANTS = ("disk", "s3", "loose", "loose_s3", "disk_decode", "s3_decode", "loose_decode", "loose_s3_decode")
 
 
 def log(msg: str) -> None:
@@ -149,7 +153,7 @@ def moto_s3() -> Iterator[str]:
 
 
 def upload(endpoint: str, local: Path) -> tuple[Storage, str, int]:
-    """A fresh bucket holding every file of `local` under train/; (storage, manifest URI, bytes)."""
+    """A fresh bucket holding every file of `local` under train/; (storage, s3://bucket/train, bytes)."""
     import boto3
 
     bucket = f"bench-loader-{uuid.uuid4().hex[:12]}"
@@ -160,7 +164,7 @@ def upload(endpoint: str, local: Path) -> tuple[Storage, str, int]:
         data = path.read_bytes()
         storage.write_bytes(f"s3://{bucket}/train/{path.relative_to(local).as_posix()}", data)
         sent += len(data)
-    return storage, f"s3://{bucket}/train/manifest.json", sent
+    return storage, f"s3://{bucket}/train", sent
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -255,10 +259,12 @@ class InfiniteShuffle(Sampler):
 
 
 class LooseFiles(Dataset):
-    """Per sample: copy the dataset dict (as detectron2's mapper), open + decode the JPEG, transform."""
+    """Per sample: copy the dataset dict (as detectron2's mapper), open + decode the JPEG, transform.
+    With `s3_images` (s3://bucket/prefix) each JPEG is one GET from there instead of a file read."""
 
-    def __init__(self, records: list[LooseRecord], transform: Callable, seed: int) -> None:
-        self.records, self.transform, self.seed = records, transform, seed
+    def __init__(self, records: list[LooseRecord], transform: Callable, seed: int,
+                 s3_images: tuple[Storage, str] | None = None) -> None:
+        self.records, self.transform, self.seed, self.s3_images = records, transform, seed, s3_images
 
     def __len__(self) -> int:
         return len(self.records)
@@ -266,8 +272,14 @@ class LooseFiles(Dataset):
     def __getitem__(self, index: tuple[int, int]) -> Any:
         epoch, i = index
         record = copy.deepcopy(self.records[i])
-        with open(record.path, "rb") as f:  # detectron2 utils.read_image: PIL, EXIF orientation, RGB
-            image = np.asarray(ImageOps.exif_transpose(Image.open(f)).convert("RGB"))
+        if self.s3_images is None:
+            with open(record.path, "rb") as f:
+                data = f.read()
+        else:  # Storage keeps one boto3 client per process (each DataLoader worker gets its own)
+            storage, prefix = self.s3_images
+            data = storage.read_bytes(f"{prefix}/{Path(record.path).name}")
+        # detectron2 utils.read_image: PIL, EXIF orientation, RGB
+        image = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
         sample = EvalSample(Path(record.path).stem, image, record.meta, None)
         return self.transform(sample, np.random.default_rng([self.seed, epoch, i]))
 
@@ -282,8 +294,8 @@ def ours_batches(manifest: str, storage: Storage, transform: Callable, collate_f
 
 
 def loose_batches(records: list[LooseRecord], transform: Callable, collate_fn: Callable,
-                  args: argparse.Namespace) -> Iterator[Any]:
-    loader = DataLoader(LooseFiles(records, transform, args.seed), batch_size=args.batch_size,
+                  args: argparse.Namespace, s3_images: tuple[Storage, str] | None = None) -> Iterator[Any]:
+    loader = DataLoader(LooseFiles(records, transform, args.seed, s3_images), batch_size=args.batch_size,
                         sampler=InfiniteShuffle(len(records), args.seed), num_workers=args.workers,
                         collate_fn=collate_fn, prefetch_factor=2 if args.workers else None)
     batches = iter(loader)
@@ -311,6 +323,7 @@ class Setup:
     local_manifest: str
     s3_manifest: str
     s3_storage: Storage
+    s3_images: str  # s3://bucket/train: the loose JPEGs
     records: list[LooseRecord]
     full: Callable
     runs: dict[str, list[float]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
@@ -324,6 +337,8 @@ def batches_for(variant: str, setup: Setup, args: argparse.Namespace) -> Iterato
         return ours_batches(setup.local_manifest, Storage(), transform, collate_fn, args)
     if source == "s3":
         return ours_batches(setup.s3_manifest, setup.s3_storage, transform, collate_fn, args)
+    if source == "loose_s3":
+        return loose_batches(setup.records, transform, collate_fn, args, (setup.s3_storage, setup.s3_images))
     return loose_batches(setup.records, transform, collate_fn, args)
 
 
@@ -385,10 +400,14 @@ def summary(setup: Setup, manifest: Manifest, data: dict[str, Any], args: argpar
         "s3_over_disk": round(r["s3"] / r["disk"], 3), "s3_goal": S3_GOAL,
         "disk_samples_per_s": round(r["disk"], 1), "s3_samples_per_s": round(r["s3"], 1),
         "loose_samples_per_s": round(r["loose"], 1),
+        "loose_s3_samples_per_s": round(r["loose_s3"], 1),
+        "ratio_s3_vs_loose_s3": round(r["s3"] / r["loose_s3"], 3),
         "decode_only": {"disk_samples_per_s": round(r["disk_decode"], 1),
                         "s3_samples_per_s": round(r["s3_decode"], 1),
                         "loose_samples_per_s": round(r["loose_decode"], 1),
+                        "loose_s3_samples_per_s": round(r["loose_s3_decode"], 1),
                         "ratio": round(r["disk_decode"] / r["loose_decode"], 3),
+                        "ratio_s3_vs_loose_s3": round(r["s3_decode"] / r["loose_s3_decode"], 3),
                         "s3_over_disk": round(r["s3_decode"] / r["disk_decode"], 3)},
         "transform_share_disk": round(transform_share("disk"), 3),
         "transform_share_loose": round(transform_share("loose"), 3),
@@ -423,9 +442,12 @@ def main(argv: list[str] | None = None) -> int:
                                  ids=manifest.contiguous_ids(), cfg=AugConfig(image_size=args.image_size))
         with moto_s3() as endpoint:
             t = time.perf_counter()
-            s3_storage, s3_manifest, sent = upload(endpoint, shards)
-            log(f"uploaded {sent / 1e6:.1f} MB to moto S3 in {time.perf_counter() - t:.1f} s")
-            setup = Setup(str(shards / "manifest.json"), s3_manifest, s3_storage, records, full)
+            s3_storage, s3_shards, sent = upload(endpoint, shards)
+            _, s3_images, sent_images = upload(endpoint, coco / "train2017")
+            log(f"uploaded {sent / 1e6:.1f} MB of shards and {sent_images / 1e6:.1f} MB of loose JPEGs to moto S3 "
+                f"in {time.perf_counter() - t:.1f} s")
+            setup = Setup(str(shards / "manifest.json"), f"{s3_shards}/manifest.json", s3_storage, s3_images,
+                          records, full)
             run_all(setup, args)
     data = {"images": len(records), "annotations": manifest.counts.annotations,
             "mean_image_bytes": round(statistics.mean(image_bytes)), "meta_identical": meta_same,
@@ -433,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     result = summary(setup, manifest, data, args)
     d = result["decode_only"]
     log(f"full (LSJ {args.image_size}): disk {result['disk_samples_per_s']} / S3 {result['s3_samples_per_s']} / "
-        f"loose {result['loose_samples_per_s']} samples/s -> ratio {result['ratio']} (goal {GOAL}), "
-        f"S3/disk {result['s3_over_disk']} (goal {S3_GOAL})")
+        f"loose {result['loose_samples_per_s']} / loose on S3 {result['loose_s3_samples_per_s']} samples/s -> "
+        f"ratio {result['ratio']} (goal {GOAL}), S3/disk {result['s3_over_disk']} (goal {S3_GOAL}), "
+        f"S3 shards / S3 loose {result['ratio_s3_vs_loose_s3']}")
     log(f"decode only: disk {d['disk_samples_per_s']} / S3 {d['s3_samples_per_s']} / loose "
         f"{d['loose_samples_per_s']} samples/s -> ratio {d['ratio']}, S3/disk {d['s3_over_disk']}; "
         f"transform share of a sample's time: {result['transform_share_disk']:.0%} (disk)")
