@@ -144,7 +144,7 @@ def _eval_worker(payload: dict[str, Any]) -> None:
 
     from data_prep.storage import Storage, join
     from pipeline.evaluate import EvalSettings, evaluate, write_report
-    from pipeline.model_bundle import open_bundle
+    from pipeline.model_bundle import CONFIG_NAME, open_bundle
 
     job: EvalJob = payload["job"]
     storage = Storage(job.storage)
@@ -154,13 +154,15 @@ def _eval_worker(payload: dict[str, Any]) -> None:
 
         device = str(ray.train.torch.get_device())
     settings = EvalSettings(device=device, progress=False, **job.settings)
-    torch.manual_seed(0)
-    untrained = open_bundle(storage, config=join(job.bundle, "config.yaml"))
-    for bundle, output in ((open_bundle(storage, model=job.bundle), job.output),
-                           (untrained, join(job.output, UNTRAINED_DIR))):
-        out = evaluate(bundle, job.manifest, storage, settings)
+
+    def run(bundle: Any, output: str) -> None:
+        out = evaluate(bundle, job.manifest, storage, settings)  # builds the model: draws its init from torch's RNG
         if out is not None:  # rank 0
             write_report(storage, output, *out)
+
+    run(open_bundle(storage, model=job.bundle), job.output)
+    torch.manual_seed(0)  # here, not earlier: building the trained model above draws from the RNG too
+    run(open_bundle(storage, config=join(job.bundle, CONFIG_NAME)), join(job.output, UNTRAINED_DIR))
 
 
 def run_evaluation(job: EvalJob, scaling: Scaling, max_failures: int, storage_path: str, name: str
