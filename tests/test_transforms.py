@@ -169,7 +169,7 @@ def test_lsj_output_is_canvas_sized_with_grey_padding_and_empty_masks_there():
     out = instance_sample(random_image(40, 60), [(mask, 1, 0)], cfg, seed=3)
     rh, rw = resize_scale_size(40, 60, 0.5, 64, 64)
     assert (rh, rw) == (21, 32)
-    assert out.image.shape == (3, 64, 64) and out.image.dtype == torch.float32
+    assert out.image.shape == (3, 64, 64) and out.image.dtype == torch.uint8
     assert (out.image[:, rh:, :] == 128).all() and (out.image[:, :, rw:] == 128).all()
     assert not (out.image[:, :rh, :rw] == 128).all()
     masks = out.targets.masks
