@@ -10,8 +10,11 @@ recognised by its key names and converted on load.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
@@ -73,16 +76,26 @@ def read_categories(storage: Storage, uri: str) -> list[Category]:
         raise ConfigError(f"{uri}: expected a JSON list of {{id, name, isthing}} ({exc})") from exc
 
 
-def _local_config_path(storage: Storage, uri: str) -> str:
-    """load_config reads local files (it follows _base_ paths); an s3:// config is copied down first."""
+def _load_config(storage: Storage, uri: str, overrides: Sequence[str]) -> ModelConfig:
+    """load_config reads local files (it follows _base_ paths); an s3:// config is copied to a temp folder
+    that is removed once the config is parsed."""
     from data_prep.storage import is_s3
+    from pipeline.model_tools import load_model_config
 
     if not is_s3(uri):
-        return uri
-    import tempfile
+        return load_model_config(uri, overrides)
+    with tempfile.TemporaryDirectory(prefix="maskdino-config-") as folder:
+        return load_model_config(storage.copy_to_local(uri, join(folder, CONFIG_NAME)), overrides)
 
-    local = join(tempfile.mkdtemp(prefix="maskdino-config-"), CONFIG_NAME)
-    return storage.copy_to_local(uri, local)
+
+def _download_registered(model_uri: str) -> str:
+    """A `models:/` bundle downloaded into a temp folder that lives as long as this process: its weights
+    are read later (build_bundle_model), so the folder is removed at exit, not here."""
+    from pipeline.registry import resolve_model_uri
+
+    folder = tempfile.mkdtemp(prefix="maskdino-registry-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return resolve_model_uri(None, model_uri, folder)
 
 
 def open_bundle(storage: Storage, model: str = "", config: str = "", weights: str = "",
@@ -91,17 +104,11 @@ def open_bundle(storage: Storage, model: str = "", config: str = "", weights: st
     [--categories J]` to a ModelBundle.
 
     `overrides` (key=value) apply to the model config, e.g. inference.test_topk_per_image=50."""
-    from pipeline.model_tools import load_model_config
-
     if model and config:
         raise ConfigError("give either --model (a bundle folder) or --config [--weights], not both")
     source = model
     if model.startswith("models:/"):  # registered: downloaded from MLflow (tracking URI: MLFLOW_TRACKING_URI)
-        import tempfile
-
-        from pipeline.registry import resolve_model_uri
-
-        model = resolve_model_uri(None, model, tempfile.mkdtemp(prefix="maskdino-registry-"))
+        model = _download_registered(model)
     if model:
         config = join(model, CONFIG_NAME)
         weights = join(model, WEIGHTS_NAME)
@@ -113,7 +120,7 @@ def open_bundle(storage: Storage, model: str = "", config: str = "", weights: st
             categories = ""
     if not config:
         raise ConfigError("no model given: pass --model BUNDLE_FOLDER, or --config MODEL.yaml [--weights W]")
-    cfg = load_model_config(_local_config_path(storage, config), overrides)
+    cfg = _load_config(storage, config, overrides)
     cats = read_categories(storage, categories) if categories else None
     if cats is not None and len(cats) != cfg.num_classes:
         raise ConfigError(f"{categories} lists {len(cats)} categories but the model predicts num_classes="

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,7 @@ from pipeline.registry import (
 )
 from tests.test_evaluate_cli import COCO_IMAGE, SMALL
 
+ROOT = Path(__file__).resolve().parents[1]
 LINEAGE = {"pretrain_run": "run-o365", "train_manifest_sha256": "ab" * 32, "code_version": "0123abc"}
 
 
@@ -129,6 +133,19 @@ def test_predict_and_open_bundle_take_models_uris(registry_env, tmp_path, monkey
     assert "models:/e2e@champion" in capsys.readouterr().out
     bundle = open_bundle(Storage(), model=f"models:/e2e/{version}")
     assert bundle.source == f"models:/e2e/{version}" and bundle.dataset_category_ids()[0] == 100
+
+
+def test_a_models_uri_download_is_removed_when_the_process_exits(registry_env, tmp_path):
+    version = _register(registry_env, "cleanup", 0.4)
+    script = ("import sys; from data_prep.storage import Storage; from pipeline.model_bundle import open_bundle; "
+              "b = open_bundle(Storage(), model=sys.argv[1]); print(b.weights)")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry_env[0], "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script, f"models:/cleanup/{version}"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    weights = Path(done.stdout.strip().splitlines()[-1])
+    assert weights.name == "model.safetensors" and weights.is_relative_to(tmp_path)  # it was downloaded there
+    assert not weights.exists() and not list(tmp_path.glob("maskdino-registry-*"))
 
 
 def test_pyfunc_loads_and_predicts_on_images(registry_env, monkeypatch):
