@@ -29,11 +29,11 @@ What is measured
     worker deep-copies the dataset dict (as detectron2's mapper), opens the original JPEG, decodes
     it the same way, and runs the SAME transform and collate. (detectron2 keeps polygons and
     rasterises them per sample; converting once makes the baseline cheaper than detectron2.)
-* Decode-only rates: the same three loaders with a trivial transform (returns the key and image
+* Decode-only rates: the same four loaders with a trivial transform (returns the key and image
   shape) and a list collate, to show how much of the time is reading + JPEG decoding and how
   much is the augmentation.
 * Each measurement starts fresh workers, discards `--warmup` batches, then times `--batches`
-  batches; samples/s = batches x batch size / seconds. Each repetition runs all six variants in
+  batches; samples/s = batches x batch size / seconds. Each repetition runs all eight variants in
   a rotating order; figures are medians over `--repeats` repetitions. All images and shards are
   read once before timing, so disk variants read from the page cache; moto serves the objects
   from threads of THIS process (its CPU time competes with the workers on the same cores).
