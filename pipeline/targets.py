@@ -30,8 +30,9 @@ MIN_BOX_SIDE = 1e-5
 class TrainSample:
     """One augmented training sample.
 
-    image [3, H, W] uint8 RGB (MaskDINO.preprocess converts it on the model's device); targets with masks [N, H, W] bool at
-    the image size (None for detection) and boxes normalised by (W, H); key = the shard sample key.
+    image [3, H, W] uint8 RGB (MaskDINO.preprocess converts it on the model's device); targets with masks
+    [N, H, W] bool at the image size (None for detection) and boxes normalised by (W, H); key = the shard
+    sample key.
     """
 
     image: Tensor
