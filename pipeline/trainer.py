@@ -498,8 +498,11 @@ class Trainer:
         same vector even when a term is absent on one of them."""
         names = sorted(self.model.criterion.weight_dict)
         stats = asdict(self.loader.stats())
-        values = [float(terms[k]) if k in terms else 0.0 for k in names] + [float(images)]
-        packed = torch.tensor(values + [float(v) for v in stats.values()], dtype=torch.float64, device=self.device)
+        # stacked on the device: one copy back for all terms (float() per term would sync once each)
+        loss_values = torch.stack([terms[k] if k in terms else torch.zeros((), device=self.device) for k in names])
+        count_values = torch.tensor([float(images), *(float(v) for v in stats.values())], dtype=torch.float64,
+                                    device=self.device)
+        packed = torch.cat([loss_values.double(), count_values])
         if self.world > 1:
             dist.all_reduce(packed)
         summed = packed.tolist()
