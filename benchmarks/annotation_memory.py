@@ -129,7 +129,7 @@ def child_index(root: str, record_shards: int) -> dict:
         build_index,
         objects365,  # noqa: F401  (imported lazily by build_index)
     )
-    from data_prep.storage import Storage
+    from core.storage import Storage
 
     proc = psutil.Process()
     baseline = proc.memory_info().rss

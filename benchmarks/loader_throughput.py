@@ -77,7 +77,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from data_prep.manifest import Manifest, load_manifest
+from core.manifest import Manifest, load_manifest
 from data_prep.shard import shard_dataset
 from data_prep.shard_config import (
     ExecutorConfig,
@@ -85,9 +85,9 @@ from data_prep.shard_config import (
     ShardLimits,
     SourceConfig,
 )
-from data_prep.storage import Storage, StorageConfig
+from core.storage import Storage, StorageConfig
 from data_prep.synthetic import SyntheticSpec, make_synthetic
-from pipeline.eval_data import EvalSample
+from core.shard_sample import ShardSample
 from pipeline.loader import LoaderConfig, TrainLoader
 from pipeline.transforms import AugConfig, collate, train_transform
 
@@ -170,14 +170,14 @@ def upload(endpoint: str, local: Path) -> tuple[Storage, str, int]:
 # ----------------------------------------------------------------------------- transforms
 
 
-def lsj_sample(sample: EvalSample, rng: np.random.Generator, *, task: str, label_format: str | None,
+def lsj_sample(sample: ShardSample, rng: np.random.Generator, *, task: str, label_format: str | None,
                ids: dict[int, int], cfg: AugConfig) -> Any:
     """The training transform a trainer would hand TrainLoader (picklable through functools.partial)."""
     return train_transform(sample.image, sample.meta, sample.label_png, task, label_format, ids, cfg, rng,
                            sample.key)
 
 
-def decode_only(sample: EvalSample, rng: np.random.Generator) -> tuple[str, tuple[int, ...]]:
+def decode_only(sample: ShardSample, rng: np.random.Generator) -> tuple[str, tuple[int, ...]]:
     return sample.key, sample.image.shape
 
 
@@ -280,7 +280,7 @@ class LooseFiles(Dataset):
             data = storage.read_bytes(f"{prefix}/{Path(record.path).name}")
         # detectron2 utils.read_image: PIL, EXIF orientation, RGB
         image = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
-        sample = EvalSample(Path(record.path).stem, image, record.meta, None)
+        sample = ShardSample(Path(record.path).stem, image, record.meta, None)
         return self.transform(sample, np.random.default_rng([self.seed, epoch, i]))
 
 

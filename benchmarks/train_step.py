@@ -67,7 +67,7 @@ def _say(message: str) -> None:
 
 def make_shards(tmp: Path, args: argparse.Namespace) -> tuple[str, int, float]:
     """(manifest path, categories, seconds)."""
-    from data_prep.manifest import Manifest
+    from core.manifest import Manifest
     from data_prep.shard import shard_dataset
     from data_prep.shard_config import (
         ExecutorConfig,
@@ -124,7 +124,7 @@ def _summary(rows: list[dict[str, float]], warmup: int) -> dict[str, Any]:
 def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from data_prep.storage import Storage
+    from core.storage import Storage
     from pipeline.train_config import load_train_config
     from pipeline.trainer import Trainer
 
@@ -158,8 +158,8 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
 def child_baseline(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from data_prep.manifest import load_manifest
-    from data_prep.storage import Storage
+    from core.manifest import load_manifest
+    from core.storage import Storage
     from model.structures import Targets
     from pipeline.loader import TrainLoader
     from pipeline.model_tools import build_model

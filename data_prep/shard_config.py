@@ -1,10 +1,10 @@
-"""Typed config of a sharding run (loaded by pipeline/config.py from YAML + overrides)."""
+"""Typed config of a sharding run (loaded by core/config.py from YAML + overrides)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data_prep.storage import StorageConfig
+from core.storage import StorageConfig
 
 SourceFormat = Literal["coco_instances", "coco_panoptic", "ade20k", "objects365"]
 

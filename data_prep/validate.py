@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from data_prep import records as R
+from core import records as R
 
 _JPEG_EOI = b"\xff\xd9"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"

@@ -4,14 +4,15 @@ manifest on s3:// is verified the same way as one on disk."""
 from __future__ import annotations
 
 import hashlib
-import json
 import tarfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-from data_prep.manifest import Manifest, load_manifest, shard_urls
-from data_prep.storage import Storage
+from core.manifest import Manifest, load_manifest, shard_urls
+from core.shard_sample import LABEL_MEMBER, META_MEMBER, image_member, parse_meta
+from core.shard_tar import iter_tar_samples
+from core.storage import Storage
 from data_prep.validate import SampleProblem, check_panoptic_png, check_semantic_png, inspect_image
 
 
@@ -48,63 +49,42 @@ class _HashingReader:
         return data
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    base = name.rsplit("/", 1)[-1]
-    prefix = name[: len(name) - len(base)]
-    key, _, ext = base.partition(".")
-    return prefix + key, ext
-
-
 def _check_sample(key: str, members: dict[str, bytes], manifest: Manifest) -> None:
-    if "json" not in members:
+    if META_MEMBER not in members:
         raise SampleProblem("missing_member", f"sample {key} has no .json member")
-    meta = json.loads(members["json"])
-    image_ext = meta.get("image_member", "jpg")
+    meta = parse_meta(members)
+    image_ext = image_member(meta)
     if image_ext not in members:
         raise SampleProblem("missing_member", f"sample {key} has no .{image_ext} image member")
     info = inspect_image(members[image_ext], "header")
     if (info.width, info.height) != (meta["width"], meta["height"]):
         raise SampleProblem("size_mismatch", f"sample {key}: image size differs from its JSON")
     if manifest.label_format is not None:
-        if "png" not in members:
+        if LABEL_MEMBER not in members:
             raise SampleProblem("missing_member", f"sample {key} has no .png label member")
         if manifest.label_format == "coco_rgb2id":
-            check_panoptic_png(members["png"], info.width, info.height, [s["id"] for s in meta["segments"]])
+            check_panoptic_png(members[LABEL_MEMBER], info.width, info.height, [s["id"] for s in meta["segments"]])
         else:
-            check_semantic_png(members["png"], info.width, info.height, len(manifest.categories))
+            check_semantic_png(members[LABEL_MEMBER], info.width, info.height, len(manifest.categories))
 
 
 def verify_shard(storage: Storage, url: str, manifest: Manifest, expected) -> ShardCheck:
     """Stream one tar once: hash it and check each sample as its members go by."""
     check = ShardCheck(url=url)
     seen: set[str] = set()
-    current_key: str | None = None
-    members: dict[str, bytes] = {}
-
-    def close_sample() -> None:
-        if current_key is None:
-            return
-        try:
-            _check_sample(current_key, members, manifest)
-        except (SampleProblem, ValueError, KeyError) as exc:
-            check.problems.append(str(exc))
-        check.samples += 1
-
     with storage.open_read(url) as raw:
         reader = _HashingReader(raw)
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for info in tar:
-                    key, ext = _split_name(info.name)
-                    if key != current_key:
-                        close_sample()
-                        if key in seen:
-                            check.problems.append(f"members of sample {key} are not adjacent")
-                        seen.add(key)
-                        current_key, members = key, {}
-                    handle = tar.extractfile(info)
-                    members[ext] = handle.read() if handle is not None else b""
-                close_sample()
+            for _index, members, _offset in iter_tar_samples(reader):
+                key = members["__key__"]  # type: ignore[index]  # every sample is wanted
+                if key in seen:
+                    check.problems.append(f"members of sample {key} are not adjacent")
+                seen.add(key)
+                try:
+                    _check_sample(key, members, manifest)  # type: ignore[arg-type]
+                except (SampleProblem, ValueError, KeyError) as exc:
+                    check.problems.append(str(exc))
+                check.samples += 1
         except tarfile.TarError as exc:
             check.problems.append(f"not a readable tar ({exc})")
         while reader.read(1 << 20):  # hash any padding tarfile did not consume

@@ -12,13 +12,14 @@ import hashlib
 import json
 import logging
 import queue
-import tarfile
 import threading
 from dataclasses import asdict, dataclass, field
 
-from data_prep import records as R
-from data_prep.records import CONVERTER_VERSION, Reject, SampleRecord
-from data_prep.storage import Storage, StorageError, join
+from core import records as R
+from core.records import CONVERTER_VERSION, Reject, SampleRecord
+from core.shard_sample import AnnotationJson, SampleMeta, annotation_json, encode_members, segment_json
+from core.shard_tar import DeterministicTarWriter
+from core.storage import Storage, StorageError, join
 from data_prep.validate import (
     SampleProblem,
     check_image_size,
@@ -64,41 +65,6 @@ class ShardResult:
     annotations: int
     rejects: list[Reject] = field(default_factory=list)
     reused: bool = False
-
-
-class _DeterministicTar:
-    """Writes samples as adjacent tar members with fixed metadata (mtime 0, owner "", mode 0444).
-
-    Headers come from `tarfile.TarInfo.tobuf`; the member bytes are written directly (no
-    `TarFile.addfile`, which copies every member through 16 KiB reads and costs ~30% of a shard
-    task's CPU). Not webdataset's TarWriter: importing webdataset imports torch, ~0.5 GB per worker.
-    The layout is what `tarfile` writes: header, data padded to 512 B, two zero blocks, and zero
-    padding to a whole 10 KiB record."""
-
-    def __init__(self, sink) -> None:
-        self._sink, self._offset = sink, 0
-
-    def _emit(self, data: bytes) -> None:
-        self._sink.write(data)
-        self._offset += len(data)
-
-    def write(self, key: str, members: dict[str, bytes]) -> None:
-        for ext in sorted(members):
-            data = members[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            info.uname = info.gname = ""
-            try:  # plain USTAR for ASCII names up to 255 bytes; PAX only where a name needs it
-                header = info.tobuf(tarfile.USTAR_FORMAT)
-            except ValueError:
-                header = info.tobuf(tarfile.PAX_FORMAT)
-            self._emit(header)
-            self._emit(data)
-            self._emit(tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
-
-    def close(self) -> None:
-        self._emit(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
-        self._emit(tarfile.NUL * (-self._offset % tarfile.RECORDSIZE))
 
 
 class _HashingSink:
@@ -148,13 +114,9 @@ class _HashingSink:
             raise self._error
 
 
-def _annotation_json(a: R.AnnotationRecord, height: int, width: int) -> dict:
-    x, y, w, h = a.bbox_xywh
-    out = {"id": a.id, "category_id": a.category_id, "bbox": [x, y, x + w, y + h], "iscrowd": a.iscrowd,
-           "area": a.area}
-    if a.segmentation_json is not None:
-        out["segmentation"] = to_compressed_rle(a.segmentation_json, height, width)
-    return out
+def _annotation_json(a: R.AnnotationRecord, height: int, width: int) -> AnnotationJson:
+    rle = to_compressed_rle(a.segmentation_json, height, width) if a.segmentation_json is not None else None
+    return annotation_json(a.id, a.category_id, a.bbox_xywh, a.iscrowd, a.area, rle)
 
 
 def _sample_members(job: ShardJob, rec: SampleRecord, rejects: list[Reject]) -> tuple[dict[str, bytes], int]:
@@ -163,16 +125,15 @@ def _sample_members(job: ShardJob, rec: SampleRecord, rejects: list[Reject]) -> 
     info = inspect_image(image, job.decode)
     check_image_size(info, rec.width, rec.height)
     width, height = info.width, info.height
-    members: dict[str, bytes] = {info.extension: image}
-    meta: dict = {"key": rec.key, "image_id": rec.image_id, "file_name": rec.file_name,
-                  "width": width, "height": height, "image_member": info.extension}
+    meta: SampleMeta = {"key": rec.key, "image_id": rec.image_id, "file_name": rec.file_name,
+                        "width": width, "height": height, "image_member": info.extension}
+    label = None
     if rec.label_uri is not None:
         label = job.storage.read_bytes(rec.label_uri)
         if rec.segments is not None:
             check_panoptic_png(label, width, height, [s.id for s in rec.segments])
         else:
             check_semantic_png(label, width, height, job.num_classes)
-        members["png"] = label
     annotations = []
     for a in rec.annotations:
         try:
@@ -182,14 +143,8 @@ def _sample_members(job: ShardJob, rec: SampleRecord, rejects: list[Reject]) -> 
     if job.task != "semantic":
         meta["annotations"] = annotations
     if rec.segments is not None:
-        meta["segments"] = [
-            {"id": s.id, "category_id": s.category_id, "iscrowd": s.iscrowd,
-             "bbox": [s.bbox_xywh[0], s.bbox_xywh[1], s.bbox_xywh[0] + s.bbox_xywh[2],
-                      s.bbox_xywh[1] + s.bbox_xywh[3]], "area": s.area}
-            for s in rec.segments
-        ]
-    members["json"] = json.dumps(meta, separators=(",", ":")).encode()
-    return members, len(annotations) + len(rec.segments or ())
+        meta["segments"] = [segment_json(s.id, s.category_id, s.iscrowd, s.bbox_xywh, s.area) for s in rec.segments]
+    return encode_members(meta, image, label), len(annotations) + len(rec.segments or ())
 
 
 def _sidecar_uri(job: ShardJob) -> str:
@@ -229,7 +184,7 @@ def _reuse(job: ShardJob, digest: str) -> ShardResult | None:
     return result if sha.hexdigest() == result.sha256 else None
 
 
-def _write_records(job: ShardJob, tar: _DeterministicTar, rejects: list[Reject]) -> tuple[int, int]:
+def _write_records(job: ShardJob, tar: DeterministicTarWriter, rejects: list[Reject]) -> tuple[int, int]:
     """Samples and annotations written; bad samples and annotations go to `rejects`."""
     samples = annotations = 0
     for rec in job.records:
@@ -260,7 +215,7 @@ def write_shard(job: ShardJob) -> ShardResult:
     with job.storage.open_write(join(job.output, job.name)) as sink:
         hashing = _HashingSink(sink)
         try:
-            tar = _DeterministicTar(hashing)
+            tar = DeterministicTarWriter(hashing)
             try:
                 samples, annotations = _write_records(job, tar, rejects)
             finally:

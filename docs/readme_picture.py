@@ -15,8 +15,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data_prep.records import Category
-from data_prep.storage import Storage
+from core.records import Category
+from core.storage import Storage
 from model.maskdino import MaskDINO
 from pipeline.cli import main
 from pipeline.model_bundle import save_bundle

@@ -1,5 +1,5 @@
 """The model's typed config: one dataclass tree whose defaults are the official R50 COCO instance values
-(configs/model/*.yaml override per task and backbone). Loaded through pipeline.config like every run config."""
+(configs/model/*.yaml override per task and backbone). Loaded through core.config like every run config."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError
+from core.config import ConfigError
 
 log = logging.getLogger(__name__)
 

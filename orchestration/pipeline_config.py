@@ -40,7 +40,7 @@ Relative paths *inside* run configs (``source.root``, ``run_dir``...) stay relat
 directory, as everywhere else in the project.
 
 Validation (:func:`load_pipeline`) happens completely before anything runs and raises a one-line
-:class:`~pipeline.config.ConfigError` naming the stage and the key: unknown kind (by the schema,
+:class:`~core.config.ConfigError` naming the stage and the key: unknown kind (by the schema,
 ``stages.NAME.kind``), a field that does not apply to the kind, an unknown or missing role, an input
 naming a stage that does not exist or has the wrong kind, a split the upstream shard stage does not
 produce, a register whose report evaluates another model, a cycle (with its path), a missing run
@@ -61,8 +61,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from data_prep.shard_config import ShardJobConfig
-from data_prep.storage import StorageConfig
-from pipeline.config import OVERRIDE_SOURCE, ConfigError, load_config, parse_overrides
+from core.storage import StorageConfig
+from core.config import OVERRIDE_SOURCE, ConfigError, load_config, parse_overrides
 
 __all__ = [
     "OUTPUT_PLACEHOLDER",

@@ -80,7 +80,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from data_prep.shard_config import ShardJobConfig
-from data_prep.storage import Storage, StorageError, join
+from core.storage import Storage, StorageError, join
 from orchestration.pipeline_config import (
     LoadedStage,
     Pipeline,
@@ -88,7 +88,7 @@ from orchestration.pipeline_config import (
     stage_names,
     wiring_overrides,
 )
-from pipeline.config import ConfigError, config_to_dict, load_config
+from core.config import ConfigError, config_to_dict, load_config
 
 __all__ = [
     "CODE_DIRS",

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import config_from_dict, config_to_dict
+from core.config import config_from_dict, config_to_dict
 from pipeline.train_config import TrainConfig
 
 
@@ -52,7 +52,7 @@ def _worker(payload: dict[str, Any]) -> None:
     tracking_uri, run_id = payload.get("tracking_uri", ""), payload.get("mlflow_run_id", "")
     logger = None
     if context.get_world_rank() == 0 and run_id:
-        from data_prep.storage import Storage
+        from core.storage import Storage
         from pipeline.mlflow_tracking import MlflowLogger
 
         local = make_logger(cfg.run_dir, cfg.schedule.max_steps, Storage(cfg.storage), cfg.log.print_every)
@@ -109,7 +109,7 @@ def _fit(worker: Any, payload: dict[str, Any], scaling: Scaling, max_failures: i
 
 def _outcome(cfg: TrainConfig) -> RayTrainOutcome:
     """Read from the run itself (Ray Train v2 keeps no metrics reported without a checkpoint)."""
-    from data_prep.storage import Storage, join
+    from core.storage import Storage, join
     from pipeline.checkpoint import latest_complete
     from pipeline.model_bundle import WEIGHTS_NAME
     from pipeline.trainer import BUNDLE_DIR
@@ -142,7 +142,7 @@ def _eval_worker(payload: dict[str, Any]) -> None:
     (seeded: the same random weights on every rank and in every run)."""
     import torch
 
-    from data_prep.storage import Storage, join
+    from core.storage import Storage, join
     from pipeline.evaluate import EvalSettings, evaluate, write_report
     from pipeline.model_bundle import CONFIG_NAME, open_bundle
 
@@ -171,7 +171,7 @@ def run_evaluation(job: EvalJob, scaling: Scaling, max_failures: int, storage_pa
     again from the start); returns the trained and the untrained model's report.json contents."""
     import json
 
-    from data_prep.storage import Storage, join
+    from core.storage import Storage, join
 
     _fit(_eval_worker, {"job": job, "use_gpu": scaling.use_gpu}, scaling, max_failures, storage_path, name)
     storage = Storage(job.storage)

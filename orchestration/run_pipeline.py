@@ -30,7 +30,7 @@ from typing import Any
 
 from typing_extensions import Self
 
-from data_prep.storage import Storage, is_s3, join
+from core.storage import Storage, is_s3, join
 from orchestration import plan as planning
 from orchestration.pipeline_config import Pipeline, load_pipeline, stage_names
 from pipeline.mlflow_tracking import (
@@ -98,7 +98,7 @@ def _tracking_uri(pipeline: Pipeline) -> str:
     if pipeline.cfg.tracking_uri:
         return pipeline.cfg.tracking_uri
     if is_s3(pipeline.cfg.run_root):
-        from pipeline.config import ConfigError
+        from core.config import ConfigError
 
         raise ConfigError("tracking_uri: an s3:// run_root needs an MLflow server (tracking_uri: http://HOST:5000)")
     os.makedirs(pipeline.cfg.run_root, exist_ok=True)

@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_prep.storage import Storage, join
+from core.storage import Storage, join
 
 CHECKPOINTS_DIR = "checkpoints"
 MARKER_NAME = "COMPLETE.json"

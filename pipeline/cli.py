@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from pipeline.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 
 EXIT_USER_ERROR = 2
 
@@ -17,7 +17,7 @@ EXIT_USER_ERROR = 2
 def _user_errors() -> tuple[type[BaseException], ...]:
     from data_prep.shard import StrictRejectError
     from data_prep.sources import SourceError
-    from data_prep.storage import StorageError
+    from core.storage import StorageError
     from model.weights_file import CheckpointError
     from pipeline.checkpoint import CheckpointPublishError
     from pipeline.evaluators import EvalInputError
@@ -97,7 +97,7 @@ def _run_shard(args: argparse.Namespace) -> int:
     from data_prep.fanout import ray_session
     from data_prep.shard import shard_dataset
     from data_prep.shard_config import ShardJobConfig
-    from data_prep.storage import join
+    from core.storage import join
 
     overrides = list(args.overrides)
     if args.strict:
@@ -130,8 +130,8 @@ def _run_verify(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from data_prep.manifest import load_manifest
-    from data_prep.storage import Storage, StorageConfig
+    from core.manifest import load_manifest
+    from core.storage import Storage, StorageConfig
     from data_prep.verify import verify_shards
 
     storage = Storage(load_config(StorageConfig, None, args.overrides))
@@ -271,7 +271,7 @@ def _add_model_args(p) -> None:
 
 
 def _storage(args: argparse.Namespace):
-    from data_prep.storage import Storage, StorageConfig
+    from core.storage import Storage, StorageConfig
 
     return Storage(load_config(StorageConfig, None, args.storage_overrides))
 

@@ -7,36 +7,15 @@ the final gather then never wait on a rank that ran out of data.
 """
 from __future__ import annotations
 
-import io
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageOps
-from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-from data_prep.manifest import Manifest, load_manifest, shard_urls
-from data_prep.storage import Storage
-
-
-@dataclass(frozen=True)
-class EvalSample:
-    """One decoded sample. image [H, W, 3] uint8 RGB; meta = the shard's `<key>.json` (image_id, width,
-    height, annotations with xyxy boxes and compressed-RLE masks, panoptic segments); label_png = the
-    panoptic id PNG or semantic label PNG, undecoded."""
-
-    key: str
-    image: np.ndarray
-    meta: dict[str, Any]
-    label_png: bytes | None
-    is_padding: bool = False
-
-    @property
-    def image_id(self) -> int | str:
-        return self.meta["image_id"]
+from core.manifest import Manifest, load_manifest, shard_urls
+from core.shard_sample import ShardSample, decode_sample
+from core.shard_tar import iter_tar_samples
+from core.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -66,33 +45,22 @@ def num_batches(num_samples: int, world_size: int, batch_size: int) -> int:
     return math.ceil(rank_share(num_samples, 0, world_size).per_rank / batch_size)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image -> [H, W, 3] uint8 RGB. detectron2 reads images with PIL and applies the EXIF
-    orientation; shards keep the original bytes, so it is applied here."""
-    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
-
-
-def decode_sample(members: dict[str, Any]) -> EvalSample:
-    meta = json.loads(members["json"])
-    image = decode_image(members[meta.get("image_member", "jpg")])
-    return EvalSample(key=members["__key__"], image=image, meta=meta, label_png=members.get("png"))
-
-
 def _iter_shard_members(storage: Storage, url: str) -> Iterator[dict[str, Any]]:
     with storage.open_read(url) as stream:
-        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))  # group_by_keys wants the url
-        yield from group_by_keys(files)
+        for _index, members, _offset in iter_tar_samples(stream):
+            assert members is not None  # every sample is wanted
+            yield members
 
 
 def iter_eval_samples(storage: Storage, manifest_uri: str, rank: int = 0, world_size: int = 1,
-                      limit: int = 0, manifest: Manifest | None = None) -> Iterator[EvalSample]:
+                      limit: int = 0, manifest: Manifest | None = None) -> Iterator[ShardSample]:
     """This rank's samples in manifest order, padded to the common per-rank count.
 
     limit > 0 evaluates only the first `limit` samples of the manifest (for quick looks)."""
     manifest = manifest or load_manifest(storage, manifest_uri)
     total = manifest.counts.samples if not limit else min(limit, manifest.counts.samples)
     share = rank_share(total, rank, world_size)
-    last: EvalSample | None = None
+    last: ShardSample | None = None
     index = 0
     for url, entry in zip(shard_urls(manifest, manifest_uri), manifest.shards):
         if index + entry.samples <= share.start:  # shard entirely before this rank's block: not opened
@@ -112,6 +80,6 @@ def iter_eval_samples(storage: Storage, manifest_uri: str, rank: int = 0, world_
         yield replace(last, is_padding=True)
 
 
-def _first_sample(storage: Storage, manifest: Manifest, manifest_uri: str) -> EvalSample:
+def _first_sample(storage: Storage, manifest: Manifest, manifest_uri: str) -> ShardSample:
     """Padding for a rank with no real samples at all (more ranks than samples)."""
     return decode_sample(next(_iter_shard_members(storage, shard_urls(manifest, manifest_uri)[0])))

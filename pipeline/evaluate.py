@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_prep.manifest import Manifest, load_manifest
-from data_prep.storage import Storage, join
+from core.manifest import Manifest, load_manifest
+from core.storage import Storage, join
 from model.structures import ImageResult
 from pipeline.distributed import gather_to_rank0, rank_and_world
-from pipeline.eval_data import EvalSample, iter_eval_samples, num_batches
+from core.shard_sample import ShardSample
+from pipeline.eval_data import iter_eval_samples, num_batches
 from pipeline.evaluators import EvalInputError, Evaluator, TaskReport, make_evaluator
 from pipeline.model_bundle import ModelBundle, build_bundle_model
 from pipeline.transforms import image_tensor, resize_for_test
@@ -84,8 +85,8 @@ def format_metric(name: str, value: float | None) -> str:
     return f"{value:.2f}" if name == "mIoU" else f"{100 * value:.2f}"
 
 
-def batched(samples: Iterable[EvalSample], batch_size: int) -> Iterator[list[EvalSample]]:
-    batch: list[EvalSample] = []
+def batched(samples: Iterable[ShardSample], batch_size: int) -> Iterator[list[ShardSample]]:
+    batch: list[ShardSample] = []
     for sample in samples:
         batch.append(sample)
         if len(batch) == batch_size:
@@ -107,7 +108,7 @@ def model_predictor(model: torch.nn.Module, min_size: int, max_size: int) -> Pre
     return predict
 
 
-def run_evaluation(samples: Iterable[EvalSample], predict: Predictor, evaluator: Evaluator,
+def run_evaluation(samples: Iterable[ShardSample], predict: Predictor, evaluator: Evaluator,
                    batch_size: int, bar: tqdm | None = None) -> int:
     """Feed every batch through `predict` into `evaluator`; returns the number of batches run."""
     count = 0

@@ -16,9 +16,9 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from data_prep.manifest import Manifest
+from core.manifest import Manifest
 from model.structures import ImageResult
-from pipeline.eval_data import EvalSample
+from core.shard_sample import ShardSample
 from pipeline.metrics import coco, panoptic, semantic
 
 
@@ -32,7 +32,7 @@ class TaskReport:
 
 
 class Evaluator(Protocol):
-    def process(self, sample: EvalSample, result: ImageResult) -> None: ...
+    def process(self, sample: ShardSample, result: ImageResult) -> None: ...
     def partial(self) -> Any: ...
     def finish(self, partials: Sequence[Any]) -> TaskReport: ...
 
@@ -41,7 +41,7 @@ class EvalInputError(ValueError):
     """The model's outputs do not fit the dataset's task (e.g. no instance head for a COCO manifest)."""
 
 
-def _needs(sample: EvalSample, part: object, what: str, label: bool = False) -> bool:
+def _needs(sample: ShardSample, part: object, what: str, label: bool = False) -> bool:
     """False for padding samples (skipped); raises when the model or the sample lacks what the task needs."""
     if sample.is_padding:
         return False
@@ -71,7 +71,7 @@ class InstanceEvaluator:
         self.annotations: list[dict[str, Any]] = []
         self.results: list[dict[str, Any]] = []
 
-    def process(self, sample: EvalSample, result: ImageResult) -> None:
+    def process(self, sample: ShardSample, result: ImageResult) -> None:
         if not _needs(sample, result.instances, "instance"):
             return
         meta = sample.meta
@@ -116,7 +116,7 @@ class PanopticEvaluator:
         self.category_ids = [c.id for c in manifest.categories]
         self.stats = panoptic.PQStats.zeros(self.category_ids)
 
-    def process(self, sample: EvalSample, result: ImageResult) -> None:
+    def process(self, sample: ShardSample, result: ImageResult) -> None:
         if not _needs(sample, result.panoptic, "panoptic", label=True):
             return
         gt_ids = panoptic.rgb2id(_decode_png(sample.label_png, "RGB"))
@@ -146,7 +146,7 @@ class SemanticEvaluator:
         k = len(self.names)
         self.confusion = np.zeros((k + 1, k + 1), np.int64)
 
-    def process(self, sample: EvalSample, result: ImageResult) -> None:
+    def process(self, sample: ShardSample, result: ImageResult) -> None:
         if not _needs(sample, result.semantic, "semantic", label=True):
             return
         gt = _decode_png(sample.label_png)

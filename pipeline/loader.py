@@ -14,7 +14,7 @@ Within a consumer.  Consumers loop epochs 0, 1, 2, ... independently (a consumer
 samples simply turns its epochs faster: the stream is infinite and schedules count steps). In an
 epoch a consumer streams its shards in order through a shuffle buffer of `shuffle_buffer`
 undecoded samples (rng seeded by (seed, e, rank, worker)), then decodes each sample
-(`eval_data.decode_sample`) and calls `transform(sample, rng)` with an rng seeded by
+(`core.shard_sample.decode_sample`) and calls `transform(sample, rng)` with an rng seeded by
 (seed, e, consumer, k), k the sample's position in the shuffled epoch, so augmentations replay
 exactly. Batches are built per consumer (the DataLoader gets whole batches and hands them out
 round-robin, in order), so batch b of a rank comes from worker b % slots and the batch sequence
@@ -42,22 +42,21 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, BinaryIO, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
-from data_prep.manifest import Manifest, load_manifest, shard_urls
-from data_prep.storage import Storage, StorageError
+from core.manifest import Manifest, load_manifest, shard_urls
+from core.shard_sample import ShardSample, decode_sample
+from core.shard_tar import iter_tar_samples
+from core.storage import Storage, StorageError
 from pipeline.distributed import rank_and_world
-from pipeline.eval_data import EvalSample, decode_sample
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +72,11 @@ __all__ = [
 ]
 
 B = TypeVar("B")
-Transform = Callable[[EvalSample, np.random.Generator], Any]
+Transform = Callable[[ShardSample, np.random.Generator], Any]
 
 STATE_VERSION = 1
 # Domain tags keep the rng streams of shard permutation, shuffling and augmentation independent.
 _TAG_SHARDS, _TAG_SHUFFLE, _TAG_SAMPLE = 1, 2, 3
-_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these too
 
 
 class LoaderError(RuntimeError):
@@ -179,36 +177,6 @@ def shuffle_order(num_samples: int, buffer: int, rng: np.random.Generator) -> np
         held[j] = incoming
     order[num_samples - len(held):] = rng.permutation(np.asarray(held, dtype=np.int64))
     return order
-
-
-# --------------------------------------------------------------------------- tar reading
-
-
-def _tar_samples(stream: BinaryIO, first: int, want: Callable[[int], bool]
-                 ) -> Iterator[tuple[int, dict[str, Any] | None, int]]:
-    """(index, members or None when not wanted, offset where the next sample starts) per sample.
-
-    Members are grouped by key as webdataset's tar_file_iterator + group_by_keys do. An unwanted
-    sample's data is skipped by tarfile without being copied. Offsets are relative to `stream`."""
-    index, key, members, end = first - 1, None, None, 0
-    with tarfile.open(fileobj=stream, mode="r|") as tar:  # shards are plain tars (data_prep/writer.py)
-        for info in tar:
-            tar.members = []  # stream mode would otherwise keep every TarInfo of the shard
-            if not info.isreg() or _SKIP_META.match(info.name):
-                continue
-            prefix, suffix = base_plus_ext(info.name)
-            if prefix is None:
-                continue
-            if prefix != key:
-                if key is not None:
-                    yield index, members, info.offset
-                index, key = index + 1, prefix
-                members = {"__key__": prefix} if want(index) else None
-            if members is not None:
-                members[suffix.lower()] = tar.extractfile(info).read()  # type: ignore[union-attr]
-            end = info.offset_data + info.size + (-info.size % tarfile.BLOCKSIZE)
-    if key is not None:
-        yield index, members, end
 
 
 class _ShortShard(Exception):
@@ -353,7 +321,7 @@ class _ConsumerStream(IterableDataset):
             try:
                 with self.storage.open_read(url, offset) as stream:
                     base = offset
-                    for i, members, next_offset in _tar_samples(stream, next_index, want):
+                    for i, members, next_offset in iter_tar_samples(stream, next_index, want):
                         if i >= count:
                             break  # the manifest is the authority on what a shard holds
                         next_index, offset, failures = i + 1, base + next_offset, 0

@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import ConfigError
+from core.config import ConfigError
 from pipeline.tracking import _artifact_path, _Closing, _safe_params
 
 if TYPE_CHECKING:

@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import Tensor
 
-from data_prep.records import Category
-from data_prep.storage import Storage, join
+from core.records import Category
+from core.storage import Storage, join
 from model.config import ModelConfig
 from model.weights_file import CheckpointError
-from pipeline.config import ConfigError, dump_config
+from core.config import ConfigError, dump_config
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def read_categories(storage: Storage, uri: str) -> list[Category]:
 def _load_config(storage: Storage, uri: str, overrides: Sequence[str]) -> ModelConfig:
     """load_config reads local files (it follows _base_ paths); an s3:// config is copied to a temp folder
     that is removed once the config is parsed."""
-    from data_prep.storage import is_s3
+    from core.storage import is_s3
     from pipeline.model_tools import load_model_config
 
     if not is_s3(uri):

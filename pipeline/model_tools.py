@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from pipeline.config import load_config
+from core.config import load_config
 
 
 def load_model_config(path: str, overrides: Sequence[str] = ()) -> ModelConfig:
@@ -21,7 +21,7 @@ def load_model_config(path: str, overrides: Sequence[str] = ()) -> ModelConfig:
 def read_weights(uri: str, storage=None) -> dict[str, torch.Tensor]:
     """A state dict from a local path or s3:// URI (.safetensors or a weights-only torch file).
     `storage` (a data_prep Storage) says how to reach S3; default: endpoint/credentials from the environment."""
-    from data_prep.storage import Storage, StorageConfig, is_s3
+    from core.storage import Storage, StorageConfig, is_s3
     from model.weights_file import read_state_dict
 
     if not is_s3(uri):

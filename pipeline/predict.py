@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.storage import Storage, join
+from core.storage import Storage, join
 from model.structures import ImageResult
 from pipeline.drawing import draw_instances, draw_panoptic, draw_semantic, png_bytes
-from pipeline.eval_data import decode_image
+from core.shard_sample import decode_image
 from pipeline.evaluate import model_predictor
 from pipeline.model_bundle import ModelBundle, build_bundle_model
 

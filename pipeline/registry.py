@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from data_prep.storage import Storage, join
-from pipeline.config import ConfigError
+from core.storage import Storage, join
+from core.config import ConfigError
 from pipeline.model_bundle import CATEGORIES_NAME, CONFIG_NAME, WEIGHTS_NAME
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ class BundlePyfunc(PythonModel):
     """Loads the bundle from the model's artifacts and runs it on CPU."""
 
     def load_context(self, context) -> None:
-        from data_prep.storage import Storage
+        from core.storage import Storage
         from pipeline.evaluate import model_predictor
         from pipeline.model_bundle import build_bundle_model, open_bundle
 

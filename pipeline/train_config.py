@@ -12,9 +12,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from data_prep.storage import StorageConfig
+from core.storage import StorageConfig
 from model.config import ModelConfig
-from pipeline.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from pipeline.loader import LoaderConfig
 from pipeline.parallelize import EngineConfig, OptimConfig, ScheduleConfig
 from pipeline.transforms import AugConfig

@@ -37,14 +37,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from data_prep.manifest import Manifest
-from data_prep.records import Category
-from data_prep.storage import Storage, StorageError, join
+from core.manifest import Manifest
+from core.records import Category
+from core.storage import Storage, StorageError, join
 from model.structures import Targets
 from pipeline import checkpoint as ckpt
-from pipeline.config import ConfigError, dump_config
+from core.config import ConfigError, dump_config
 from pipeline.distributed import gather_to_rank0, init_from_env, rank_and_world
-from pipeline.eval_data import EvalSample
+from core.shard_sample import ShardSample
 from pipeline.loader import LoaderStats, TrainLoader, read_training_manifest
 from pipeline.parallelize import applied_hyperparams, build_engine
 from pipeline.targets import TrainSample
@@ -95,7 +95,7 @@ class ShardTransform:
     def __init__(self, task: str, label_format: str | None, contiguous_ids: dict[int, int], aug: AugConfig):
         self.task, self.label_format, self.contiguous_ids, self.aug = task, label_format, contiguous_ids, aug
 
-    def __call__(self, sample: EvalSample, rng: np.random.Generator) -> TrainSample | None:
+    def __call__(self, sample: ShardSample, rng: np.random.Generator) -> TrainSample | None:
         return train_transform(sample.image, sample.meta, sample.label_png, self.task, self.label_format,
                                self.contiguous_ids, self.aug, rng, sample.key)
 

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from data_prep.records import Category
-from data_prep.storage import Storage
+from core.records import Category
+from core.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def transfer_weights(model: torch.nn.Module, source_state: Mapping[str, Tensor],
 def transfer_from_bundle(model: torch.nn.Module, storage: Storage, bundle_uri: str,
                          target_categories: Sequence[Category] | None) -> TransferReport:
     """`transfer_weights` from a bundle folder (its model.safetensors and categories.json, if any)."""
-    from data_prep.storage import join
+    from core.storage import join
     from pipeline.model_bundle import CATEGORIES_NAME, WEIGHTS_NAME, read_categories
     from pipeline.model_tools import read_weights
 

@@ -28,7 +28,7 @@ from typing import Any
 import boto3
 import pytest
 
-from data_prep.storage import Storage, StorageConfig
+from core.storage import Storage, StorageConfig
 
 TEST_REGION = "us-east-1"
 _ENV_SET = {

@@ -8,10 +8,10 @@ from typing import Any
 
 import webdataset as wds
 
-from data_prep.manifest import Manifest
+from core.manifest import Manifest
 from data_prep.shard import ShardSummary, shard_dataset
 from data_prep.shard_config import ShardJobConfig
-from pipeline.config import config_from_dict
+from core.config import config_from_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

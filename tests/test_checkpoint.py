@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.storage import Storage, join
+from core.storage import Storage, join
 from pipeline.checkpoint import (
     MARKER_NAME,
     CheckpointMarker,

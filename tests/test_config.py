@@ -1,4 +1,4 @@
-"""Tests for pipeline.config: typed dataclass configs from YAML, _base_ chains and overrides."""
+"""Tests for core.config: typed dataclass configs from YAML, _base_ chains and overrides."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from pipeline.config import (
+from core.config import (
     ConfigError,
     config_from_dict,
     config_to_dict,

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from data_prep.storage import Storage
+from core.storage import Storage
 from model.structures import (
     ImageResult,
     InstanceResult,

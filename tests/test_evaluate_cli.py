@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep.storage import Storage
+from core.storage import Storage
 from model.maskdino import MaskDINO
 from pipeline.cli import main
 from pipeline.model_bundle import build_bundle_model, open_bundle, save_bundle
@@ -146,7 +146,7 @@ def test_user_errors_are_one_line_with_exit_code_2(argv, message, instance_bundl
 
 def test_config_and_authors_pth_weights_load_through_the_adapter(tmp_path):
     """--config C --weights W accepts the authors' checkpoint format: keys recognised and converted."""
-    from pipeline.config import dump_config
+    from core.config import dump_config
     from tests.parity_fixtures import build_fixture_model, load_fixture, model_config
 
     fx = load_fixture("swin_small")

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import pipeline.loader as loader_mod
-from data_prep.manifest import Manifest, ShardEntry
-from data_prep.storage import Storage, StorageError
+from core.manifest import Manifest, ShardEntry
+from core.storage import Storage, StorageError
 from data_prep.synthetic import SyntheticSpec, make_synthetic
-from pipeline.eval_data import EvalSample
+from core.shard_sample import ShardSample
 from pipeline.loader import (
     Cursor,
     LoaderConfig,
@@ -31,13 +31,13 @@ from pipeline.loader import (
 from tests.shard_helpers import run_shard
 
 
-def _transform(sample: EvalSample, rng: np.random.Generator) -> tuple[str, int, int]:
+def _transform(sample: ShardSample, rng: np.random.Generator) -> tuple[str, int, int]:
     """Key, an augmentation draw, and a pixel checksum: equal outputs mean equal samples and rngs."""
     assert sample.image.dtype == np.uint8 and sample.image.ndim == 3 and sample.image.shape[2] == 3
     return sample.key, int(rng.integers(2**31)), int(sample.image.sum())
 
 
-def _drop_odd(sample: EvalSample, rng: np.random.Generator) -> tuple[str, int, int] | None:
+def _drop_odd(sample: ShardSample, rng: np.random.Generator) -> tuple[str, int, int] | None:
     return None if sample.meta["image_id"] % 2 else _transform(sample, rng)
 
 
@@ -154,14 +154,14 @@ def test_resume_continues_with_the_batches_of_an_uninterrupted_run(shards, monke
     config = _config(shards / "manifest.json", num_workers=workers, batch_size=batch, seed=11)
     # Count samples whose bytes were read and samples decoded (seen in this process only: workers=0).
     read, decoded = Counter(), Counter()
-    real_tar, real_decode = loader_mod._tar_samples, loader_mod.decode_sample
+    real_tar, real_decode = loader_mod.iter_tar_samples, loader_mod.decode_sample
 
     def counting_tar(*args: Any) -> Any:
         for item in real_tar(*args):
             read["n"] += item[1] is not None
             yield item
 
-    monkeypatch.setattr(loader_mod, "_tar_samples", counting_tar)
+    monkeypatch.setattr(loader_mod, "iter_tar_samples", counting_tar)
     monkeypatch.setattr(loader_mod, "decode_sample", lambda m: decoded.update(n=1) or real_decode(m))
     full = _take(TrainLoader(config, _transform), first + then)  # crosses an epoch boundary
     read_full = read["n"]

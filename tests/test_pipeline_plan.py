@@ -9,7 +9,7 @@ import shutil
 import pytest
 import yaml
 
-from data_prep.storage import Storage, StorageConfig
+from core.storage import Storage, StorageConfig
 from orchestration.pipeline_config import load_pipeline
 from orchestration.plan import (
     CODE_DIRS,
@@ -25,7 +25,7 @@ from orchestration.plan import (
     train_config,
     write_success,
 )
-from pipeline.config import ConfigError
+from core.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "pipeline", "demo.yaml")

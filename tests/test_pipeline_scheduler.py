@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.storage import Storage, StorageConfig
+from core.storage import Storage, StorageConfig
 from orchestration import run_pipeline as executor
 from orchestration.pipeline_config import load_pipeline
 from orchestration.plan import make_plan

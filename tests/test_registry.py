@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.records import Category
-from data_prep.storage import Storage
+from core.records import Category
+from core.storage import Storage
 from pipeline.cli import main
 from pipeline.mlflow_tracking import (
     client,
@@ -137,7 +137,7 @@ def test_predict_and_open_bundle_take_models_uris(registry_env, tmp_path, monkey
 
 def test_a_models_uri_download_is_removed_when_the_process_exits(registry_env, tmp_path):
     version = _register(registry_env, "cleanup", 0.4)
-    script = ("import sys; from data_prep.storage import Storage; from pipeline.model_bundle import open_bundle; "
+    script = ("import sys; from core.storage import Storage; from pipeline.model_bundle import open_bundle; "
               "b = open_bundle(Storage(), model=sys.argv[1]); print(b.weights)")
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry_env[0], "TMPDIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", script, f"models:/cleanup/{version}"], check=False, env=env,

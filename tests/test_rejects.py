@@ -1,7 +1,7 @@
 """Bad raw data becomes rejects, never tracebacks.
 
 Acceptance point pinned here: one test per corruption class -- the reject is reported in
-`rejects.jsonl` with its reason (constants in data_prep/records.py), the manifest counts it, and every
+`rejects.jsonl` with its reason (constants in core/records.py), the manifest counts it, and every
 other sample/annotation still lands in the shards; `--strict` exits 2 with a one-line message and
 writes no manifest. Each test builds a tiny synthetic raw dataset (data_prep.synthetic), corrupts it
 on disk, shards it inline (never Ray) and reads the shards back with stock `webdataset`.
@@ -25,15 +25,15 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_prep import records as R
-from data_prep.manifest import MANIFEST_NAME, REJECTS_NAME
+from core import records as R
+from core.manifest import MANIFEST_NAME, REJECTS_NAME
 from data_prep.shard import ShardSummary, shard_dataset
 from data_prep.shard_config import ShardJobConfig
 from data_prep.sources.box_rules import box_text
 from data_prep.sources.index import image_key
 from data_prep.sources.objects365 import v2_relative_path
 from data_prep.synthetic import SyntheticSpec, make_synthetic
-from pipeline.config import config_from_dict
+from core.config import config_from_dict
 
 
 REPO = Path(__file__).resolve().parents[1]

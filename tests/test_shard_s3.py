@@ -11,7 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from data_prep.manifest import load_manifest
+from core.manifest import load_manifest
 from data_prep.shard import shard_dataset
 from data_prep.synthetic import SyntheticSpec, make_synthetic
 from tests.s3_fixtures import TEST_REGION

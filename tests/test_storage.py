@@ -1,4 +1,4 @@
-"""Tests for data_prep.storage: local and S3 (moto) backends, atomic writes, retries, resumable reads."""
+"""Tests for core.storage: local and S3 (moto) backends, atomic writes, retries, resumable reads."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import traceback
 import boto3
 import pytest
 
-from data_prep import storage as storage_mod
-from data_prep.storage import ObjectInfo, Storage, StorageConfig, StorageError, is_s3, join, parse_s3
+from core.storage import s3 as storage_mod
+from core.storage import ObjectInfo, Storage, StorageConfig, StorageError, is_s3, join, parse_s3
 from tests.s3_fixtures import TEST_REGION, create_bucket, make_storage
 
 MiB = 2**20
@@ -63,7 +63,7 @@ def test_storage_pickles_config_only_and_caches_client_per_process(monkeypatch):
     client = st._client()
     assert st._client() is client  # cached
     clone = pickle.loads(pickle.dumps(st))
-    assert clone.config == st.config and clone._client_obj is None
+    assert clone.config == st.config and clone._s3._client_obj is None
     real_pid = os.getpid()
     monkeypatch.setattr(storage_mod.os, "getpid", lambda: real_pid + 1)  # as after a fork
     assert st._client() is not client
@@ -314,7 +314,7 @@ def test_s3_upload_part_503_is_retried(s3_server, fault_proxy):
 
 @pytest.mark.s3
 def test_s3_our_retry_loop_outlasts_botocore_and_is_bounded(s3_server, fault_proxy, caplog):
-    caplog.set_level(logging.WARNING, logger="data_prep.storage")
+    caplog.set_level(logging.WARNING, logger="core.storage")
     bucket = f"s3://{create_bucket(s3_server)}"
     st = fault_proxy.storage(max_attempts=2)
     # botocore makes 2 attempts per call; 3 faults need our own second call.
@@ -332,7 +332,7 @@ def test_s3_our_retry_loop_outlasts_botocore_and_is_bounded(s3_server, fault_pro
 
 @pytest.mark.s3
 def test_s3_read_resumes_after_body_cuts(s3_server, fault_proxy, caplog):
-    caplog.set_level(logging.WARNING, logger="data_prep.storage")
+    caplog.set_level(logging.WARNING, logger="core.storage")
     bucket = f"s3://{create_bucket(s3_server)}"
     uri = join(bucket, "cut.bin")
     data = _payload(3 * MiB, seed=5)
@@ -413,7 +413,7 @@ def test_credentials_never_leak(s3_server, fault_proxy, monkeypatch, caplog):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("AWS_SESSION_TOKEN", token)
-    caplog.set_level(logging.DEBUG, logger="data_prep.storage")
+    caplog.set_level(logging.DEBUG, logger="core.storage")
     bucket = f"s3://{create_bucket(s3_server)}"
     st = fault_proxy.storage(max_attempts=2)
     texts = []

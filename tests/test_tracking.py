@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from data_prep.storage import Storage
+from core.storage import Storage
 from pipeline import tracking
-from pipeline.config import config_to_dict
+from core.config import config_to_dict
 from pipeline.tracking import (
     ConsoleLogger,
     JsonlLogger,

@@ -23,13 +23,13 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from data_prep.storage import Storage
+from core.storage import Storage
 from data_prep.synthetic import SyntheticSpec, make_synthetic
 from model.config import ModelConfig
 from model.maskdino import MaskDINO
 from pipeline import checkpoint as ckpt
 from pipeline.cli import main
-from pipeline.config import config_to_dict
+from core.config import config_to_dict
 from pipeline.train_config import TrainConfig, load_train_config
 from pipeline.trainer import CRASH_ENV, Trainer, train
 from pipeline.transfer import read_transfer_report
@@ -261,7 +261,7 @@ def _label_shaped(cfg: ModelConfig) -> set[str]:
     """Oracle for "label-dependent": the tensors whose shape changes with num_classes."""
     small = {k: v.shape for k, v in MaskDINO(cfg).state_dict().items()}
     other = config_to_dict(cfg) | {"num_classes": cfg.num_classes + 3}
-    from pipeline.config import config_from_dict
+    from core.config import config_from_dict
 
     big = {k: v.shape for k, v in MaskDINO(config_from_dict(ModelConfig, other)).state_dict().items()}
     return {k for k in small if small[k] != big[k]}

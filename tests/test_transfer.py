@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from data_prep.records import Category
-from data_prep.storage import Storage
+from core.records import Category
+from core.storage import Storage
 from pipeline.model_bundle import save_bundle
 from pipeline.model_tools import build_model, load_model_config
 from pipeline.transfer import (

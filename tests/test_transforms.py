@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from data_prep.manifest import Manifest, load_manifest
-from data_prep.storage import Storage
+from core.manifest import Manifest, load_manifest
+from core.storage import Storage
 from pipeline.color_aug import ColorJitter, apply_color_jitter, bgr_to_hsv, hsv_to_bgr
-from pipeline.config import ConfigError, config_from_dict
-from pipeline.eval_data import EvalSample, iter_eval_samples
+from core.config import ConfigError, config_from_dict
+from core.shard_sample import ShardSample
+from pipeline.eval_data import iter_eval_samples
 from pipeline.metrics.panoptic import rgb2id
 from pipeline.targets import TrainSample, detection_targets
 from pipeline.transforms import (
@@ -79,12 +80,12 @@ def png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _decoded(manifest_uri: str) -> tuple[Manifest, list[EvalSample]]:
+def _decoded(manifest_uri: str) -> tuple[Manifest, list[ShardSample]]:
     return load_manifest(Storage(), manifest_uri), list(iter_eval_samples(Storage(), manifest_uri))
 
 
 @pytest.fixture(scope="module")
-def panoptic_data(tmp_path_factory) -> tuple[Manifest, list[EvalSample]]:
+def panoptic_data(tmp_path_factory) -> tuple[Manifest, list[ShardSample]]:
     out = tmp_path_factory.mktemp("pan")
     run_shard(out, format="coco_panoptic", root=str(PANOPTIC), split="val",
               annotation=str(PANOPTIC / "panoptic_examples.json"), images=str(PANOPTIC / "input_images"),
@@ -93,7 +94,7 @@ def panoptic_data(tmp_path_factory) -> tuple[Manifest, list[EvalSample]]:
 
 
 @pytest.fixture(scope="module")
-def instance_data(tmp_path_factory) -> tuple[Manifest, list[EvalSample]]:
+def instance_data(tmp_path_factory) -> tuple[Manifest, list[ShardSample]]:
     out = tmp_path_factory.mktemp("inst")
     run_shard(out, format="coco_instances", root=str(PANOPTIC), split="val",
               annotation=str(PANOPTIC / "panoptic_coco_detection_format.json"), images=str(PANOPTIC / "input_images"))
@@ -101,14 +102,14 @@ def instance_data(tmp_path_factory) -> tuple[Manifest, list[EvalSample]]:
 
 
 @pytest.fixture(scope="module")
-def ade_data(tmp_path_factory) -> tuple[Manifest, list[EvalSample]]:
+def ade_data(tmp_path_factory) -> tuple[Manifest, list[ShardSample]]:
     out = tmp_path_factory.mktemp("ade")
     run_shard(out, format="ade20k", root=str(ADE), split="val", images=str(ADE / "sampleData" / "images"),
               labels=str(ADE / "sampleData" / "annotations"), categories=str(ADE / "objectInfo150.csv"))
     return _decoded(str(out / "manifest.json"))
 
 
-def transform(data: tuple[Manifest, list[EvalSample]], index: int, cfg: AugConfig, seed: int) -> TrainSample:
+def transform(data: tuple[Manifest, list[ShardSample]], index: int, cfg: AugConfig, seed: int) -> TrainSample:
     manifest, samples = data
     s = samples[index]
     out = train_transform(s.image, s.meta, s.label_png, manifest.task, manifest.label_format,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.manifest import Manifest
-from data_prep.storage import Storage
+from core.manifest import Manifest
+from core.storage import Storage
 from data_prep.synthetic import SyntheticSpec, make_synthetic
 from data_prep.verify import verify_shards
 from tests.shard_helpers import run_shard

@@ -4,7 +4,7 @@ from __future__ import annotations
 from data_prep.shard_config import SourceConfig
 from data_prep.sources.coco_json import SourceError
 from data_prep.sources.index import SourceIndex
-from data_prep.storage import Storage
+from core.storage import Storage
 
 __all__ = ["SourceError", "SourceIndex", "build_index"]
 

@@ -12,13 +12,13 @@ import posixpath
 
 import numpy as np
 
-from data_prep import records as R
-from data_prep.records import Category, Reject, SampleRecord
+from core import records as R
+from core.records import Category, Reject, SampleRecord
 from data_prep.shard_config import SourceConfig
 from data_prep.sources.coco_json import SourceError
 from data_prep.sources.coco_style_build import list_folder
 from data_prep.sources.index import SAMPLE_OVERHEAD_BYTES, SourceIndex, combine_fingerprints, listing_digest
-from data_prep.storage import Storage, join
+from core.storage import Storage, join
 
 SPLIT_DIRS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from data_prep.shard_config import SourceConfig
 from data_prep.sources.coco_style import CocoStyleIndex
 from data_prep.sources.coco_style_build import build_coco_style
-from data_prep.storage import Storage, join
+from core.storage import Storage, join
 
 
 def build(cfg: SourceConfig, storage: Storage, workdir: str) -> CocoStyleIndex:

@@ -23,7 +23,7 @@ from typing import Any
 import ijson
 import numpy as np
 
-from data_prep.records import Category
+from core.records import Category
 
 log = logging.getLogger(__name__)
 

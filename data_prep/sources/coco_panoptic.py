@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep import records as R
-from data_prep.records import Reject, SampleRecord, SegmentRecord
+from core import records as R
+from core.records import Reject, SampleRecord, SegmentRecord
 from data_prep.shard_config import SourceConfig
 from data_prep.sources.box_rules import box_text, check_boxes
 from data_prep.sources.coco_json import (
@@ -32,7 +32,7 @@ from data_prep.sources.index import (
     image_key,
     listing_digest,
 )
-from data_prep.storage import Storage, join
+from core.storage import Storage, join
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep import records as R
-from data_prep.records import AnnotationRecord, Category, Reject, SampleRecord
+from core import records as R
+from core.records import AnnotationRecord, Category, Reject, SampleRecord
 from data_prep.sources.box_rules import box_text, check_boxes
 from data_prep.sources.coco_json import AnnotationTable, ImageTable
 from data_prep.sources.index import ANNOTATION_BYTES, SAMPLE_OVERHEAD_BYTES, SourceIndex, image_key

@@ -16,7 +16,7 @@ from data_prep.sources.coco_json import (
 )
 from data_prep.sources.coco_style import CocoStyleIndex, select_annotations, select_images
 from data_prep.sources.index import combine_fingerprints, list_relative, listing_digest
-from data_prep.storage import Storage, is_s3, join
+from core.storage import Storage, is_s3, join
 
 
 def local_copy(storage: Storage, uri: str, workdir: str) -> str:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_prep.records import Category, Reject, SampleRecord
-from data_prep.storage import Storage
+from core.records import Category, Reject, SampleRecord
+from core.storage import Storage
 
 # Per-sample bytes we add to the image/label file sizes when estimating shard sizes: three tar
 # headers (512 B each) plus the JSON member's base size; each annotation adds ANNOTATION_BYTES.

@@ -12,7 +12,7 @@ import re
 from data_prep.shard_config import SourceConfig
 from data_prep.sources.coco_style import CocoStyleIndex
 from data_prep.sources.coco_style_build import build_coco_style
-from data_prep.storage import Storage, join
+from core.storage import Storage, join
 
 _V2_PREFIX = re.compile(r"^images/v\d+/")
 

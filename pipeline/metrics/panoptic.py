@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep.records import (
+from core.records import (
     Category as PanopticCategory,  # id, name, isthing: the manifest's own type
 )
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from data_prep.records import Category, Reject
-from data_prep.storage import Storage, join
+from core.records import Category, Reject
+from core.storage import Storage, join
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
