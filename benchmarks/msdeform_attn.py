@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import msda_dispatch
-from model.ms_deform_attn import ms_deform_attn_reference
+from model.msda_reference import ms_deform_attn_reference
 
 SHAPES = [(64, 64), (32, 32), (16, 16), (8, 8)]
 

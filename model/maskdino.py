@@ -17,7 +17,7 @@ from model.backbone import Backbone, build_backbone
 from model.config import ModelConfig
 from model.criterion import LossConfig, SetCriterion
 from model.matcher import HungarianMatcher, MatcherConfig
-from model.msda_dispatch import set_backend
+from model.ms_deform_attn import set_msda_backend
 from model.pixel_decoder import PixelDecoder
 from model.postprocess import postprocess_image
 from model.predictor import MaskDINOPredictor
@@ -44,13 +44,13 @@ class MaskDINO(nn.Module):
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
-        set_backend(cfg.msda_backend)
         self.backbone: Backbone = backbone if backbone is not None else build_backbone(cfg.backbone)
         self.pixel_decoder = PixelDecoder(cfg.pixel_decoder, self.backbone.out_channels, self.backbone.strides)
         self.predictor = MaskDINOPredictor(cfg.decoder, cfg.num_classes, cfg.pixel_decoder.conv_dim,
                                            cfg.pixel_decoder.mask_dim, cfg.pixel_decoder.total_num_feature_levels)
         losses = loss_config(cfg)
         self.criterion = SetCriterion(losses, HungarianMatcher(matcher_config(cfg)))
+        set_msda_backend(self, cfg.msda_backend)  # this model's kernels; the process-wide default stays
         # Post-processing must read the class logits the way they were trained (softmax CE with a no-object
         # column, or sigmoid focal): that follows the decoder, whatever the inference section says.
         self.inference_cfg = replace(cfg.inference, semantic_ce_loss=cfg.decoder.semantic_ce_loss)

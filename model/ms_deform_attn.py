@@ -1,8 +1,10 @@
 """Multi-scale deformable attention (Deformable DETR): the module with the official parameter names and
-initialisation, and the pure-PyTorch reference of the sampling core.
+initialisation.
 
 The core (`value` sampled bilinearly at `sampling_locations`, weighted by `attention_weights`) runs through
-`model.msda_dispatch`, which picks the C++/CUDA kernels from `csrc/` or falls back to the reference below.
+`model.msda_dispatch`, which picks the C++/CUDA kernels from `csrc/` or the PyTorch reference
+(`model/msda_reference.py`). Which one is chosen per module (`MSDeformAttn.backend`, set for a whole model by
+`set_msda_backend`), never as a process-wide side effect of building a model.
 """
 
 from __future__ import annotations
@@ -13,28 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.msda_dispatch import ms_deform_attn_core
-
-
-def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
-                             attention_weights: Tensor) -> Tensor:
-    """The definition of the op: per level `grid_sample` (bilinear, zero padding, align_corners=False).
-
-    value [N, S, M, D]; spatial_shapes [L, 2] (H, W); sampling_locations [N, Lq, M, L, P, 2] in [0, 1] (x, y);
-    attention_weights [N, Lq, M, L, P]  ->  [N, Lq, M*D].
-    """
-    N, _, M, D = value.shape
-    _, Lq, M, L, P, _ = sampling_locations.shape
-    value_list = value.split([int(h) * int(w) for h, w in spatial_shapes.tolist()], dim=1)
-    grids = 2 * sampling_locations - 1
-    out = []
-    for lid, (h, w) in enumerate(spatial_shapes.tolist()):
-        v = value_list[lid].flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
-        g = grids[:, :, :, lid].transpose(1, 2).flatten(0, 1)  # [N*M, Lq, P, 2]
-        out.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    attn = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
-    sampled = torch.stack(out, dim=-2).flatten(-2)  # [N*M, D, Lq, L*P]
-    return (sampled * attn).sum(-1).view(N, M * D, Lq).transpose(1, 2).contiguous()
+from model.msda_dispatch import check_backend, ms_deform_attn_core
 
 
 class MSDeformAttn(nn.Module):
@@ -44,8 +25,10 @@ class MSDeformAttn(nn.Module):
     `output_proj`) so official state-dict keys map one to one.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
+                 backend: str = "auto"):
         super().__init__()
+        self.backend = check_backend(backend)  # not state: checkpoints do not carry it
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
@@ -95,5 +78,14 @@ class MSDeformAttn(nn.Module):
                          + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
-        output = ms_deform_attn_core(value, spatial_shapes, level_start_index, locations, weights)
+        output = ms_deform_attn_core(value, spatial_shapes, level_start_index, locations, weights, self.backend)
         return self.output_proj(output)
+
+
+def set_msda_backend(model: nn.Module, backend: str) -> None:
+    """Use ``backend`` ("auto", "reference", "cpp" or "cuda") in every MSDeformAttn of ``model``;
+    "auto" defers to the process's request (msda_dispatch.set_backend, $MASKDINO_MSDA_BACKEND)."""
+    backend = check_backend(backend)
+    for module in model.modules():
+        if isinstance(module, MSDeformAttn):
+            module.backend = backend

@@ -1,17 +1,20 @@
 """Multi-scale deformable attention core: picks the C++, CUDA or PyTorch-reference implementation.
 
 `ms_deform_attn_core(value, spatial_shapes, level_start_index, sampling_locations,
-attention_weights)` is what `model/ms_deform_attn.py` calls; it returns [N, Lq, M*D] and is
+attention_weights, backend)` is what `model/ms_deform_attn.py` calls; it returns [N, Lq, M*D] and is
 differentiable with respect to value, sampling_locations and attention_weights.
 
-Backends, chosen once per process and device type (see `selected_backend`):
+Backends (see `selected_backend`; the decision per device type and request is made, and a native
+kernel built, once per process):
 
 * ``"cpp"``: the C++/OpenMP kernel (csrc/ms_deform_attn/cpu.cpp) on CPU tensors,
 * ``"cuda"``: the CUDA kernel (csrc/ms_deform_attn/cuda.cu) on CUDA tensors,
-* ``"reference"``: `model.ms_deform_attn.ms_deform_attn_reference` (per-level F.grid_sample).
+* ``"reference"``: `model.msda_reference.ms_deform_attn_reference` (per-level F.grid_sample).
 
-The request comes from `set_backend(name)` if it named a backend (the config does; "auto" names
-none), else from the env var ``MASKDINO_MSDA_BACKEND``, else ``"auto"``. ``auto`` uses the native
+The request comes per call: each MSDeformAttn module passes its own ``backend`` (a model's config
+sets it on all of its modules). A call's "auto" defers to the process-wide request: `set_backend(name)`
+if it named a backend (tests, benchmarks), else the env var ``MASKDINO_MSDA_BACKEND``, else ``"auto"``.
+Building a model never changes the process-wide request. ``auto`` uses the native
 kernel of the tensors' device, and the reference on other devices or when the kernel failed to
 build (csrc.build then warns once). ``cpp`` / ``cuda`` name one kernel: it is used on its own
 device and the reference on the other one (so ``cuda`` on CPU tensors runs the reference; useful
@@ -34,25 +37,32 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from csrc.build import load_extension
+from model.msda_reference import ms_deform_attn_reference
+
 BACKENDS = ("auto", "reference", "cpp", "cuda")
 ENV_VAR = "MASKDINO_MSDA_BACKEND"
 
 _override: str | None = None  # set by set_backend(); wins over the env var
-_chosen: dict[str, str] = {}  # device type -> backend, decided on first use
+_chosen: dict[tuple[str, str], str] = {}  # (device type, request) -> backend, decided on first use
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def set_backend(name: str) -> None:
-    """Request a backend for this process ("auto", "reference", "cpp" or "cuda").
-
-    A named backend wins over $MASKDINO_MSDA_BACKEND; "auto" (the config's default) clears the
-    request, so the env var still applies to a model built with the default config.
-    """
-    global _override
+def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown MSDeformAttn backend {name!r}; expected one of {BACKENDS}")
-    _override = None if name == "auto" else name
-    _chosen.clear()
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Request a backend for this process ("auto", "reference", "cpp" or "cuda"): what modules whose
+    own backend is "auto" (the config's default) use.
+
+    A named backend wins over $MASKDINO_MSDA_BACKEND; "auto" clears the request, so the env var
+    applies again.
+    """
+    global _override
+    _override = None if check_backend(name) == "auto" else name
 
 
 def requested_backend() -> str:
@@ -63,20 +73,22 @@ def requested_backend() -> str:
     return name
 
 
-def selected_backend(device: torch.device | str) -> str:
-    """The backend used for tensors on `device`: "cpp", "cuda" or "reference".
+def selected_backend(device: torch.device | str, backend: str = "auto") -> str:
+    """The backend used for tensors on `device` when a call asks for `backend`: "cpp", "cuda" or
+    "reference". "auto" defers to the process-wide request (`requested_backend`).
 
-    Decided (and, for a native kernel, built) on the first call per device type.
+    Decided (and, for a native kernel, built) on the first call per device type and request.
     """
     kind = torch.device(device).type
-    if kind not in _chosen:
-        _chosen[kind] = _choose(kind, requested_backend())
-    return _chosen[kind]
+    request = check_backend(backend) if backend != "auto" else requested_backend()
+    if (kind, request) not in _chosen:
+        _chosen[(kind, request)] = _choose(kind, request)
+    return _chosen[(kind, request)]
 
 
 def ms_deform_attn_core(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                        sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
-    """Multi-scale deformable attention.
+                        sampling_locations: Tensor, attention_weights: Tensor, backend: str = "auto") -> Tensor:
+    """Multi-scale deformable attention with the requested `backend` (see the module docstring).
 
     value [N, S, M, D]; spatial_shapes [L, 2] int (H, W); level_start_index [L] int;
     sampling_locations [N, Lq, M, L, P, 2] (x, y normalised to 0..1); attention_weights
@@ -86,12 +98,8 @@ def ms_deform_attn_core(value: Tensor, spatial_shapes: Tensor, level_start_index
                                 attention_weights.dtype)
     value, sampling_locations, attention_weights = (
         t.to(dtype) for t in (value, sampling_locations, attention_weights))
-    backend = selected_backend(value.device)
+    backend = selected_backend(value.device, backend)
     if backend == "reference":
-        from model.ms_deform_attn import (
-            ms_deform_attn_reference,  # lazy: that module imports us
-        )
-
         return ms_deform_attn_reference(value, spatial_shapes, sampling_locations,
                                         attention_weights)
     ext = _extension(backend)
@@ -140,6 +148,4 @@ def _choose(kind: str, requested: str) -> str:
 
 def _extension(backend: str) -> ModuleType | None:
     # csrc.build caches the module per process and warns once if the build fails.
-    from csrc.build import load_extension
-
     return load_extension(cuda=backend == "cuda")

@@ -10,6 +10,7 @@ cuda.cu compiles with nvcc (slow marker).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ import torch
 
 import model.msda_dispatch as dispatch
 from csrc import build
-from model.ms_deform_attn import ms_deform_attn_reference
+from model.msda_reference import ms_deform_attn_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -190,6 +191,33 @@ def test_set_backend_wins_over_env_and_auto_defers_to_it(ext, monkeypatch):
     dispatch.set_backend("auto")
     with pytest.raises(ValueError, match="MASKDINO_MSDA_BACKEND"):
         dispatch.selected_backend("cpu")
+
+
+def test_a_models_backend_is_its_own_and_leaves_the_process_request_alone(ext, monkeypatch):
+    """Two models with different msda_backend in one process each use their own; building them
+    changes nothing for code that asks the process (set_backend / the env var)."""
+    from model.maskdino import MaskDINO
+    from model.ms_deform_attn import MSDeformAttn
+    from pipeline.model_tools import load_model_config
+
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    cfg = load_model_config("configs/model/tiny_instance.yaml")
+    cpp_model = MaskDINO(dataclasses.replace(cfg, msda_backend="cpp"))
+    auto_model = MaskDINO(cfg)
+    assert dispatch.requested_backend() == "reference"
+    cpp_modules = [m for m in cpp_model.modules() if isinstance(m, MSDeformAttn)]
+    assert cpp_modules and all(m.backend == "cpp" for m in cpp_modules)
+    assert all(m.backend == "auto" for m in auto_model.modules() if isinstance(m, MSDeformAttn))
+    assert dispatch.selected_backend("cpu", "cpp") == "cpp"
+    assert dispatch.selected_backend("cpu", "auto") == "reference"
+    value, hw, start, loc, attn = make_inputs(*CONFIGS[2], seed=8)
+    calls = []
+    real = ext.forward
+    monkeypatch.setattr(ext, "forward", lambda *a: calls.append(1) or real(*a))
+    dispatch.ms_deform_attn_core(value, hw, start, loc, attn, "auto")  # the process request: reference
+    assert not calls
+    dispatch.ms_deform_attn_core(value, hw, start, loc, attn, "cpp")
+    assert calls == [1]
 
 
 def test_reference_backend_gives_same_result(ext, monkeypatch):
