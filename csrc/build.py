@@ -34,6 +34,11 @@ from types import ModuleType
 
 import torch
 
+try:  # a declared dependency, but a GPU image may ship its own ninja binary instead of the package
+    import ninja  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover
+    ninja = None
+
 SOURCE_DIR = Path(__file__).resolve().parent / "ms_deform_attn"
 DEFAULT_CACHE_ROOT = Path("~/.cache/maskdino/torch_extensions")
 EXTENSION_NAMES = {False: "maskdino_msda_cpu", True: "maskdino_msda_cuda"}
@@ -112,12 +117,8 @@ def _put_ninja_on_path() -> None:
     if shutil.which("ninja"):
         return
     candidates = [Path(sys.executable).parent]
-    try:
-        import ninja  # type: ignore[import-not-found]
-
+    if ninja is not None and hasattr(ninja, "BIN_DIR"):
         candidates.append(Path(ninja.BIN_DIR))
-    except (ImportError, AttributeError):
-        pass
     for folder in candidates:
         if (folder / "ninja").exists():
             os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"

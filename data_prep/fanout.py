@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator
+from typing import Any
 
+import core
+import data_prep
 from data_prep.shard_config import ExecutorConfig
 from data_prep.writer import ShardJob, ShardResult, write_shard
 
@@ -28,7 +31,7 @@ def ray_session(cfg: ExecutorConfig) -> Iterator[None]:
     if cfg.kind != "ray":
         yield
         return
-    import ray
+    import ray  # lazy: ray costs seconds to import; --inline sharding never needs it
 
     if ray.is_initialized():
         yield
@@ -41,20 +44,18 @@ def ray_session(cfg: ExecutorConfig) -> Iterator[None]:
 
 
 def _init_ray(cfg: ExecutorConfig) -> None:
-    import ray
+    import ray  # lazy: ray costs seconds to import; --inline sharding never needs it
 
     if cfg.address:
-        import data_prep
-
-        # A remote cluster may not have this project installed: ship the package with the job.
-        ray.init(address=cfg.address, runtime_env={"py_modules": [data_prep]}, logging_level=logging.WARNING)
+        # A remote cluster may not have this project installed: ship what shard tasks import with the job.
+        ray.init(address=cfg.address, runtime_env={"py_modules": [core, data_prep]}, logging_level=logging.WARNING)
     else:
         ray.init(num_cpus=cfg.num_cpus or None, object_store_memory=cfg.object_store_bytes,
                  include_dashboard=False, logging_level=logging.WARNING)
 
 
 def _run_on_ray(jobs: Iterable[ShardJob], cfg: ExecutorConfig) -> Iterator[ShardResult]:
-    import ray
+    import ray  # lazy: ray costs seconds to import; --inline sharding never needs it
 
     with ray_session(cfg):
         # Shard tasks are idempotent (a rerun rewrites the same bytes), so a worker lost mid-task
@@ -65,8 +66,22 @@ def _run_on_ray(jobs: Iterable[ShardJob], cfg: ExecutorConfig) -> Iterator[Shard
         for job in jobs:
             if len(pending) >= window:
                 done, pending = ray.wait(pending, num_returns=1)
-                yield ray.get(done[0])
+                yield _task_result(done[0])
             pending.append(remote_write.remote(job))
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
+            yield _task_result(done[0])
+
+
+def _task_result(ref: Any) -> ShardResult:
+    """The task's result, or the task's own exception. Ray raises a RayTaskError whose message is the
+    remote traceback with terminal colour codes around the task name; its `cause` is the exception the
+    task raised (a StorageError naming the bucket, say), whose one-line message is what the user needs."""
+    import ray  # lazy: ray costs seconds to import; --inline sharding never needs it
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, Exception):
+            raise exc.cause from exc
+        raise

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from data_prep.fanout import run_jobs
 from core.manifest import MANIFEST_NAME, REJECTS_NAME, Counts, Manifest, ShardEntry, rejects_jsonl
-from data_prep.plan import plan_shards
 from core.records import CONVERTER_VERSION, Reject
+from core.storage import Storage, join
+from data_prep.fanout import run_jobs
+from data_prep.plan import plan_shards
 from data_prep.shard_config import ShardJobConfig
 from data_prep.sources import SourceError, SourceIndex, build_index
-from core.storage import Storage, join
 from data_prep.writer import ShardJob, ShardResult
 
 log = logging.getLogger(__name__)

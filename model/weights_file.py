@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load, load_file
 from torch import Tensor
 
 
@@ -36,8 +37,6 @@ def read_state_dict(source: str | Path | bytes, name: str = "") -> dict[str, Ten
         raise CheckpointError(f"{name}: .pkl checkpoints need an unrestricted unpickle; convert it to a .pth "
                               "state_dict with detectron2 (torch.save(ckpt['model'], 'x.pth')) and pass that")
     if name.endswith(".safetensors"):
-        from safetensors.torch import load, load_file
-
         return dict(load(source) if isinstance(source, bytes) else load_file(str(source), device="cpu"))
     try:
         obj = torch.load(io.BytesIO(source) if isinstance(source, bytes) else str(source), map_location="cpu",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from model.structures import InstanceResult, PanopticResult
 
@@ -205,8 +206,6 @@ def _jitter(color: Color, seed: int) -> Color:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
     components, count = ndimage.label(mask)
     if count <= 1:
         return mask
@@ -216,12 +215,8 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 def _interior_point(mask: np.ndarray) -> tuple[float, float]:
     """(x, y) of the pixel farthest from the mask's edge (the image border counts as edge): unlike the
-    centroid it always lies inside, even for rings and crescents. Centroid where scipy is missing."""
+    centroid it always lies inside, even for rings and crescents."""
     ys, xs = np.nonzero(mask)
-    try:
-        from scipy import ndimage
-    except ImportError:  # pragma: no cover - scipy is a project dependency
-        return float(xs.mean()), float(ys.mean())
     y0, x0 = ys.min(), xs.min()
     crop = np.pad(mask[y0:ys.max() + 1, x0:xs.max() + 1], 1)  # crop for speed; pad so borders are edges
     distance = ndimage.distance_transform_edt(crop)

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 
 from core.manifest import Manifest
-from model.structures import ImageResult
 from core.shard_sample import ShardSample
+from model.structures import ImageResult
 from pipeline.metrics import coco, panoptic, semantic
 
 

@@ -45,7 +45,7 @@ import logging
 import tarfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
@@ -235,7 +235,7 @@ class _ConsumerStream(IterableDataset):
     rotation: int  # torch worker j plays consumer slot (j + rotation) % slots (see TrainLoader)
     transform: Transform
     collate: Callable[[list[Any]], Any]
-    storage: Storage = field(default_factory=Storage)
+    storage: Storage
 
     @property
     def slots(self) -> int:
@@ -393,12 +393,12 @@ class TrainLoader(Generic[B]):
     where the batches handed out so far left off. One iteration at a time."""
 
     def __init__(self, config: LoaderConfig, transform: Transform, *,
-                 collate: Callable[[list[Any]], B] | None = None, storage: Storage | None = None,
+                 storage: Storage, collate: Callable[[list[Any]], B] | None = None,
                  rank: int | None = None, world_size: int | None = None,
                  state: dict[str, Any] | None = None, manifest: Manifest | None = None) -> None:
         """manifest: the parsed `config.manifest`, when the caller has already read it."""
         self.config = config
-        self.storage = storage or Storage()
+        self.storage = storage
         self.transform = transform
         self.collate: Callable[[list[Any]], Any] = collate or list
         own_rank, own_world = rank_and_world()

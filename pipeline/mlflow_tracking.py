@@ -31,7 +31,7 @@ from core.config import ConfigError
 from pipeline.tracking import _artifact_path, _Closing, _safe_params
 
 if TYPE_CHECKING:
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # lazy: mlflow costs seconds to import
     from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 
 
 def client(tracking_uri: str) -> MlflowClient:
-    """A client bound to ``tracking_uri`` (imported lazily: ``import mlflow`` costs seconds)."""
-    from mlflow.tracking import MlflowClient
+    """A client bound to ``tracking_uri``."""
+    from mlflow.tracking import MlflowClient  # lazy: `import mlflow` costs seconds (here and below)
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
@@ -70,7 +70,7 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | Non
 
     With a sqlite store and no ``artifact_location`` the artifacts go to ``mlartifacts/`` beside the
     database: MLflow's own default is ``./mlruns`` under whatever the current directory happens to be."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: mlflow costs seconds to import
 
     mc = client(tracking_uri)
     if artifact_location is None and tracking_uri.startswith("sqlite:///"):
@@ -110,6 +110,7 @@ def enable_system_metrics(tracking_uri: str, run_id: str, sampling_interval_s: f
     stops it. It stops by itself once the run is no longer RUNNING. Steps continue after those already
     logged (a restarted process appends). ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides the
     interval."""
+    # lazy: mlflow costs seconds to import
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s, tracking_uri=tracking_uri,
@@ -158,7 +159,7 @@ class MlflowLogger(_Closing):
         self._closed = False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: mlflow costs seconds to import
 
         fresh: dict[str, str] = {}
         for name, value in _safe_params(params).items():
@@ -174,7 +175,7 @@ class MlflowLogger(_Closing):
         self._params.update(fresh)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: mlflow costs seconds to import
 
         now_ms = int(time.time() * 1000)
         for name, value in metrics.items():

@@ -19,19 +19,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from safetensors.torch import save
 from torch import Tensor
 
-from core.records import Category
-from core.storage import Storage, join
-from model.config import ModelConfig
-from model.weights_file import CheckpointError
 from core.config import ConfigError, dump_config
+from core.records import Category
+from core.storage import Storage, is_s3, join
+from model.config import ModelConfig
+from model.maskdino import MaskDINO
+from model.official_checkpoint import load_official_weights
+from model.weights_file import CheckpointError
+from pipeline.bundle_files import CATEGORIES_NAME, CONFIG_NAME, WEIGHTS_NAME
+from pipeline.model_tools import build_model, load_model_config, read_weights
+from pipeline.registry import resolve_model_uri
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.yaml"
-WEIGHTS_NAME = "model.safetensors"
-CATEGORIES_NAME = "categories.json"
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,6 @@ class ModelBundle:
 def save_bundle(storage: Storage, uri: str, cfg: ModelConfig, state_dict: Mapping[str, Tensor],
                 categories: Sequence[Category] | None = None) -> None:
     """Write a bundle folder; weights are stored as contiguous fp32-or-native tensors in safetensors."""
-    from safetensors.torch import save
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     storage.write_bytes(join(uri, WEIGHTS_NAME), save(tensors, metadata={"format": "maskdino-pipeline"}))
     storage.write_bytes(join(uri, CONFIG_NAME), dump_config(cfg).encode())
@@ -79,9 +80,6 @@ def read_categories(storage: Storage, uri: str) -> list[Category]:
 def _load_config(storage: Storage, uri: str, overrides: Sequence[str]) -> ModelConfig:
     """load_config reads local files (it follows _base_ paths); an s3:// config is copied to a temp folder
     that is removed once the config is parsed."""
-    from core.storage import is_s3
-    from pipeline.model_tools import load_model_config
-
     if not is_s3(uri):
         return load_model_config(uri, overrides)
     with tempfile.TemporaryDirectory(prefix="maskdino-config-") as folder:
@@ -91,8 +89,6 @@ def _load_config(storage: Storage, uri: str, overrides: Sequence[str]) -> ModelC
 def _download_registered(model_uri: str) -> str:
     """A `models:/` bundle downloaded into a temp folder that lives as long as this process: its weights
     are read later (build_bundle_model), so the folder is removed at exit, not here."""
-    from pipeline.registry import resolve_model_uri
-
     folder = tempfile.mkdtemp(prefix="maskdino-registry-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return resolve_model_uri(None, model_uri, folder)
@@ -131,8 +127,6 @@ def open_bundle(storage: Storage, model: str = "", config: str = "", weights: st
 def load_weights(model: torch.nn.Module, weights: Mapping[str, Tensor], source: str) -> str:
     """Our names load strictly; otherwise the keys are taken as the authors' and converted (strict).
     Returns a one-line description of what was loaded."""
-    from model.official_checkpoint import load_official_weights
-
     ours = model.state_dict()
     if set(weights) == set(ours):
         for key, value in weights.items():
@@ -145,10 +139,8 @@ def load_weights(model: torch.nn.Module, weights: Mapping[str, Tensor], source: 
     return f"{source} (authors' format): {report.summary()}"
 
 
-def build_bundle_model(bundle: ModelBundle, storage: Storage, device: str | torch.device = "cpu"):
+def build_bundle_model(bundle: ModelBundle, storage: Storage, device: str | torch.device = "cpu") -> MaskDINO:
     """The model in eval mode with the bundle's weights (random init, with a warning, when it has none)."""
-    from pipeline.model_tools import build_model, read_weights
-
     cfg = bundle.config
     if bundle.weights is not None:  # the bundle's weights replace the ImageNet ones: don't read those
         cfg = replace(cfg, backbone=replace(cfg.backbone, pretrained=""))

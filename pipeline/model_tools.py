@@ -9,31 +9,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from model.config import ModelConfig
 from core.config import load_config
+from core.storage import Storage, is_s3
+from model.backbone import load_pretrained_backbone
+from model.config import ModelConfig
+from model.maskdino import MaskDINO
+from model.official_checkpoint import check_against, convert_official_state_dict
+from model.weights_file import read_state_dict
 
 
 def load_model_config(path: str, overrides: Sequence[str] = ()) -> ModelConfig:
     return load_config(ModelConfig, path, list(overrides))
 
 
-def read_weights(uri: str, storage=None) -> dict[str, torch.Tensor]:
-    """A state dict from a local path or s3:// URI (.safetensors or a weights-only torch file).
-    `storage` (a data_prep Storage) says how to reach S3; default: endpoint/credentials from the environment."""
-    from core.storage import Storage, StorageConfig, is_s3
-    from model.weights_file import read_state_dict
-
+def read_weights(uri: str, storage: Storage) -> dict[str, torch.Tensor]:
+    """A state dict from a local path or s3:// URI (.safetensors or a weights-only torch file)."""
     if not is_s3(uri):
         return read_state_dict(uri)
-    return read_state_dict((storage or Storage(StorageConfig())).read_bytes(uri), name=uri)
+    return read_state_dict(storage.read_bytes(uri), name=uri)
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", storage=None):
-    """The model with `backbone.pretrained` loaded if set (nothing is ever downloaded)."""
-    from model.backbone import load_pretrained_backbone
-    from model.maskdino import MaskDINO
-
+def build_model(cfg: ModelConfig, device: str | torch.device, storage: Storage) -> MaskDINO:
+    """The model with `backbone.pretrained` loaded if set (nothing is ever downloaded); `storage` reads
+    it from a local path or s3://."""
     model = MaskDINO(cfg)
     if cfg.backbone.pretrained:
         load_pretrained_backbone(model.backbone, read_weights(cfg.backbone.pretrained, storage))
@@ -72,8 +72,6 @@ def _encoder_strides(model) -> list[int]:
 
 def model_info(cfg: ModelConfig) -> ModelInfo:
     """Parameter counts and geometry; the model is built on the meta device (no memory, no init cost)."""
-    from model.maskdino import MaskDINO
-
     with torch.device("meta"):
         model = MaskDINO(cfg)
     by_module = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
@@ -112,17 +110,10 @@ class ConversionSummary:
 def convert_checkpoint(in_path: str, out_path: str, cfg: ModelConfig | None = None) -> ConversionSummary:
     """Official .pth -> our safetensors. With a model config, shapes are checked against the model
     (a mismatch names the key and both shapes) and missing keys are reported."""
-    from safetensors.torch import save_file
-
-    from model.official_checkpoint import check_against, convert_official_state_dict
-    from model.weights_file import read_state_dict
-
     conv = convert_official_state_dict(read_state_dict(in_path))
     missing: list[str] = []
     unmatched = list(conv.unmatched)
     if cfg is not None:
-        from model.maskdino import MaskDINO
-
         with torch.device("meta"):
             ours = MaskDINO(cfg).state_dict()
         missing, unmatched = check_against(conv, ours)

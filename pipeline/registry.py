@@ -43,9 +43,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from core.storage import Storage, join
 from core.config import ConfigError
-from pipeline.model_bundle import CATEGORIES_NAME, CONFIG_NAME, WEIGHTS_NAME
+from core.storage import Storage, join
+from pipeline.bundle_files import CATEGORIES_NAME, CONFIG_NAME, WEIGHTS_NAME
+from pipeline.mlflow_tracking import client
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -86,8 +87,6 @@ def tracking_uri_or_env(tracking_uri: str | None = None) -> str:
 
 
 def _client(tracking_uri: str | None) -> MlflowClient:
-    from pipeline.mlflow_tracking import client
-
     return client(tracking_uri_or_env(tracking_uri))
 
 
@@ -130,7 +129,7 @@ def _local_bundle_files(storage: Storage, bundle_uri: str, tmp: str) -> dict[str
 def _save_pyfunc(files: Mapping[str, str], tmp: str) -> str:
     """The pyfunc folder (MLmodel, the code file, artifacts/<bundle files>). ``pip_requirements`` is
     given so MLflow does not spend ~9 s inferring it."""
-    import mlflow.pyfunc
+    import mlflow.pyfunc  # mlflow: seconds to import, only when registering
 
     path = os.path.join(tmp, MODEL_SUBDIR)
     artifacts = {os.path.splitext(part)[0]: local for part, local in files.items()}
@@ -143,7 +142,7 @@ def _save_pyfunc(files: Mapping[str, str], tmp: str) -> str:
 
 
 def _ensure_registered_model(mc: MlflowClient, name: str) -> None:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: seconds to import, only when registering
 
     try:
         mc.get_registered_model(name)
@@ -219,7 +218,7 @@ class _PromotionLock:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> Self:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # mlflow: seconds to import, only when registering
 
         deadline = time.monotonic() + self.wait_s
         while True:
@@ -235,7 +234,7 @@ class _PromotionLock:
             time.sleep(random.uniform(0.05, 0.25))
 
     def _break_if_expired(self) -> None:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # mlflow: seconds to import, only when registering
 
         try:
             held = self.mc.get_registered_model(self.lock_name)
@@ -245,7 +244,7 @@ class _PromotionLock:
             pass  # released (or being broken) meanwhile: the next create decides
 
     def __exit__(self, *exc: object) -> None:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # mlflow: seconds to import, only when registering
 
         try:
             if self.mc.get_registered_model(self.lock_name).tags.get("owner") == self.owner:
@@ -255,7 +254,7 @@ class _PromotionLock:
 
 
 def _version(mc: MlflowClient, name: str, version: str) -> ModelVersion:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: seconds to import, only when registering
 
     try:
         return mc.get_model_version(name, str(version))
@@ -265,7 +264,7 @@ def _version(mc: MlflowClient, name: str, version: str) -> ModelVersion:
 
 
 def _alias_version(mc: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: seconds to import, only when registering
 
     try:
         return mc.get_model_version_by_alias(name, alias)
@@ -294,7 +293,7 @@ def _first_line(exc: BaseException) -> str:
 def resolve_model_uri(tracking_uri: str | None, model_uri: str, dest_dir: str) -> str:
     """Download the bundle files of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` into
     ``dest_dir`` and return that local bundle folder (what ``open_bundle(model=...)`` reads)."""
-    import mlflow.artifacts
+    import mlflow.artifacts  # mlflow: seconds to import, only when resolving models:/ URIs
 
     match = _MODEL_URI_RE.match(model_uri)
     if match is None:

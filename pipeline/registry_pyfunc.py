@@ -22,15 +22,15 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
+from core.storage import Storage
+from pipeline.evaluate import model_predictor
+from pipeline.model_bundle import build_bundle_model, open_bundle
+
 
 class BundlePyfunc(PythonModel):
     """Loads the bundle from the model's artifacts and runs it on CPU."""
 
     def load_context(self, context) -> None:
-        from core.storage import Storage
-        from pipeline.evaluate import model_predictor
-        from pipeline.model_bundle import build_bundle_model, open_bundle
-
         folder = os.path.dirname(context.artifacts["config"])
         storage = Storage()
         self.bundle = open_bundle(storage, model=folder)

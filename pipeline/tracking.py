@@ -30,8 +30,8 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from tqdm import tqdm
 
-from core.storage import Storage, is_s3, join
 from core.config import config_to_dict
+from core.storage import Storage, is_s3, join
 from pipeline.distributed import rank_and_world
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; the project supports 3.10 (annotations are lazy here)

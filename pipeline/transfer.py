@@ -18,7 +18,10 @@ import torch
 from torch import Tensor
 
 from core.records import Category
-from core.storage import Storage
+from core.storage import Storage, join
+from pipeline.bundle_files import CATEGORIES_NAME, WEIGHTS_NAME
+from pipeline.model_bundle import read_categories
+from pipeline.model_tools import read_weights
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +160,6 @@ def transfer_weights(model: torch.nn.Module, source_state: Mapping[str, Tensor],
 def transfer_from_bundle(model: torch.nn.Module, storage: Storage, bundle_uri: str,
                          target_categories: Sequence[Category] | None) -> TransferReport:
     """`transfer_weights` from a bundle folder (its model.safetensors and categories.json, if any)."""
-    from core.storage import join
-    from pipeline.model_bundle import CATEGORIES_NAME, WEIGHTS_NAME, read_categories
-    from pipeline.model_tools import read_weights
-
     weights_uri = join(bundle_uri, WEIGHTS_NAME)
     if not storage.exists(weights_uri):
         raise TransferError(f"{bundle_uri}: no {WEIGHTS_NAME} in it, so there is nothing to transfer")

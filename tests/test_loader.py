@@ -16,9 +16,9 @@ import pytest
 
 import pipeline.loader as loader_mod
 from core.manifest import Manifest, ShardEntry
+from core.shard_sample import ShardSample
 from core.storage import Storage, StorageError
 from data_prep.synthetic import SyntheticSpec, make_synthetic
-from core.shard_sample import ShardSample
 from pipeline.loader import (
     Cursor,
     LoaderConfig,
@@ -30,6 +30,7 @@ from pipeline.loader import (
 )
 from tests.shard_helpers import run_shard
 
+LOCAL = Storage()  # the shards of most tests are on local disk
 
 def _transform(sample: ShardSample, rng: np.random.Generator) -> tuple[str, int, int]:
     """Key, an augmentation draw, and a pixel checksum: equal outputs mean equal samples and rngs."""
@@ -135,7 +136,7 @@ def test_shuffle_order_is_a_bounded_deterministic_permutation():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_sample_once_per_epoch(shards, workers):
-    loader = TrainLoader(_config(shards / "manifest.json", num_workers=workers), _transform)
+    loader = TrainLoader(_config(shards / "manifest.json", num_workers=workers), _transform, storage=LOCAL)
     # 1 consumer x 12 samples = 4 batches of 3; 2 consumers x 6 = 2 batches each, round-robin.
     batches = _take(loader, 4)
     assert sorted(_keys(batches)) == _all_keys(shards)
@@ -145,7 +146,7 @@ def test_every_sample_once_per_epoch(shards, workers):
 
 def test_ranks_split_the_shards(shards):
     per_rank = [_keys(_take(TrainLoader(_config(shards / "manifest.json", batch_size=2), _transform,
-                                        rank=r, world_size=2), 3)) for r in range(2)]
+                                        storage=LOCAL, rank=r, world_size=2), 3)) for r in range(2)]
     assert sorted(per_rank[0] + per_rank[1]) == _all_keys(shards)
 
 
@@ -163,15 +164,15 @@ def test_resume_continues_with_the_batches_of_an_uninterrupted_run(shards, monke
 
     monkeypatch.setattr(loader_mod, "iter_tar_samples", counting_tar)
     monkeypatch.setattr(loader_mod, "decode_sample", lambda m: decoded.update(n=1) or real_decode(m))
-    full = _take(TrainLoader(config, _transform), first + then)  # crosses an epoch boundary
+    full = _take(TrainLoader(config, _transform, storage=LOCAL), first + then)  # crosses an epoch boundary
     read_full = read["n"]
 
-    stopped = TrainLoader(config, _transform)
+    stopped = TrainLoader(config, _transform, storage=LOCAL)
     assert _take(stopped, first) == full[:first]
     state = json.loads(json.dumps(stopped.state_dict()))  # plain data, as in a checkpoint
 
     read.clear(), decoded.clear()
-    resumed = TrainLoader(config, _transform, state=state)
+    resumed = TrainLoader(config, _transform, storage=LOCAL, state=state)
     assert _take(resumed, then) == full[first:]
     if workers == 0:  # consumed samples were skipped in the tar: neither read nor decoded
         assert read_full - read["n"] == first * batch and decoded["n"] == then * batch
@@ -180,9 +181,9 @@ def test_resume_continues_with_the_batches_of_an_uninterrupted_run(shards, monke
 
 
 def test_state_from_another_layout_restarts_at_the_next_epoch(shards, caplog):
-    saved = TrainLoader(_config(shards / "manifest.json"), _transform)
+    saved = TrainLoader(_config(shards / "manifest.json"), _transform, storage=LOCAL)
     _take(saved, 5)  # epoch 1
-    moved = TrainLoader(_config(shards / "manifest.json", num_workers=2), _transform)
+    moved = TrainLoader(_config(shards / "manifest.json", num_workers=2), _transform, storage=LOCAL)
     moved.load_state_dict(saved.state_dict())
     assert moved.cursors == [Cursor(2, 0), Cursor(2, 0)]
     assert "not at the exact sample" in caplog.text
@@ -215,7 +216,7 @@ def test_undecodable_image_is_skipped_counted_and_logged(shards_copy, caplog):
     before = _all_keys(shards_copy)
     _add_shard(shards_copy, "shard-bad.tar", [("broken", {**good, "jpg": b"\xff\xd8\xff\xe0 not a jpeg"}),
                                                ("copy", good)])
-    loader = TrainLoader(_config(shards_copy / "manifest.json", batch_size=13), _transform)
+    loader = TrainLoader(_config(shards_copy / "manifest.json", batch_size=13), _transform, storage=LOCAL)
     (batch,) = _take(loader, 1)  # 14 samples, one of them broken: exactly one epoch
     assert sorted(s[0] for s in batch) == sorted(before + ["copy"])
     assert loader.stats().skipped_undecodable == 1
@@ -223,7 +224,7 @@ def test_undecodable_image_is_skipped_counted_and_logged(shards_copy, caplog):
 
 
 def test_transform_returning_none_drops_the_sample(shards):
-    loader = TrainLoader(_config(shards / "manifest.json", batch_size=2), _drop_odd)
+    loader = TrainLoader(_config(shards / "manifest.json", batch_size=2), _drop_odd, storage=LOCAL)
     batches = _take(loader, 3)
     stats = loader.stats()
     assert stats.samples == 6 and stats.dropped_by_transform > 0 and len(set(_keys(batches))) == 6
@@ -231,14 +232,14 @@ def test_transform_returning_none_drops_the_sample(shards):
 
 def test_missing_manifest_names_the_uri(tmp_path):
     with pytest.raises(LoaderError) as err:
-        TrainLoader(_config(tmp_path / "nope" / "manifest.json"), _transform)
+        TrainLoader(_config(tmp_path / "nope" / "manifest.json"), _transform, storage=LOCAL)
     assert str(tmp_path / "nope" / "manifest.json") in str(err.value) and "\n" not in str(err.value)
 
 
 def test_failing_shard_raises_a_one_line_error_naming_it(shards_copy):
     victim = sorted(shards_copy.glob("*.tar"))[2]
     victim.unlink()
-    loader = TrainLoader(_config(shards_copy / "manifest.json", num_workers=2, max_shard_retries=2), _transform)
+    loader = TrainLoader(_config(shards_copy / "manifest.json", num_workers=2, max_shard_retries=2), _transform, storage=LOCAL)
     with pytest.raises(ShardReadError) as err:
         _take(loader, 8)
     assert err.value.url == str(victim) and str(victim) in str(err.value) and "\n" not in str(err.value)
@@ -249,7 +250,7 @@ def test_failing_shard_is_skipped_when_asked(shards_copy, caplog):
     victim = sorted(shards_copy.glob("*.tar"))[2]
     lost = _shard_keys(victim)
     victim.unlink()
-    loader = TrainLoader(_config(shards_copy / "manifest.json", batch_size=2, skip_failed_shards=True), _transform)
+    loader = TrainLoader(_config(shards_copy / "manifest.json", batch_size=2, skip_failed_shards=True), _transform, storage=LOCAL)
     keys = _keys(_take(loader, 5))  # the 10 samples left make one epoch
     assert sorted(keys) == sorted(set(_all_keys(shards_copy)) - set(lost)) == sorted(set(keys))
     stats = loader.stats()

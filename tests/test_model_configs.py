@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.storage import Storage
 from model.maskdino import MaskDINO
 from model.official_checkpoint import convert_official_state_dict, load_official_weights
 from model.weights_file import CheckpointError, read_state_dict
@@ -167,7 +168,7 @@ def test_imagenet_weights_load_from_a_local_path(tmp_path):
     state = _timm_resnet50_state()
     save_file(state, tmp_path / "r50.safetensors")
     cfg = load_model_config("configs/model/r50_instance.yaml", [f"backbone.pretrained={tmp_path}/r50.safetensors"])
-    _check_backbone_loaded(build_model(cfg), state)
+    _check_backbone_loaded(build_model(cfg, "cpu", Storage()), state)
 
 
 @pytest.mark.s3
@@ -179,4 +180,4 @@ def test_imagenet_weights_load_from_s3(s3_bucket, tmp_path):
     torch.save(state, tmp_path / "r50.pth")
     storage.write_bytes(f"{bucket}/weights/r50.pth", (tmp_path / "r50.pth").read_bytes())
     cfg = load_model_config("configs/model/r50_instance.yaml", [f"backbone.pretrained={bucket}/weights/r50.pth"])
-    _check_backbone_loaded(build_model(cfg, storage=storage), state)
+    _check_backbone_loaded(build_model(cfg, "cpu", storage), state)

@@ -45,7 +45,7 @@ def registry_env(tmp_path_factory) -> tuple[str, str, str]:
     cfg = load_model_config("configs/model/tiny_instance.yaml")
     torch.manual_seed(0)
     cats = [Category(100 + i, f"thing{i}", True) for i in range(cfg.num_classes)]
-    save_bundle(Storage(), str(root / "bundle"), cfg, build_model(cfg).state_dict(), cats)
+    save_bundle(Storage(), str(root / "bundle"), cfg, build_model(cfg, "cpu", Storage()).state_dict(), cats)
     uri = default_tracking_uri(str(root))
     run = start_run(uri, ensure_experiment(uri, "finetune"), "finetune")
     return uri, run, str(root / "bundle")

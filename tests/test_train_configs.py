@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from core.storage import Storage
 from data_prep.synthetic import SyntheticSpec, make_synthetic
 from pipeline.model_tools import build_model, load_model_config
 from pipeline.parallelize import param_groups
@@ -200,13 +201,13 @@ def test_tiny_label_sets_match_the_synthetic_demo_data(tmp_path):
 
 @pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
 def test_tiny_config_models_build(path):
-    model = build_model(load_train_config(path).model)
+    model = build_model(load_train_config(path).model, "cpu", Storage())
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_tiny_config_param_groups_are_backbone_and_head_with_and_without_decay():
     cfg = load("tiny_instance")
-    groups = param_groups(build_model(cfg.model), cfg.optim)
+    groups = param_groups(build_model(cfg.model, "cpu", Storage()), cfg.optim)
     assert [g.name for g in groups] == ["backbone", "backbone_no_decay", "head", "head_no_decay"]
     assert {g.name: g.lr_multiplier for g in groups} == {"backbone": 0.1, "backbone_no_decay": 0.1,
                                                           "head": 1.0, "head_no_decay": 1.0}

@@ -35,7 +35,7 @@ COCO = [Category(i + 1, f"coco class {i}", True) for i in range(80)]
 
 def _model(overrides: list[str], seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_model(load_model_config(TINY, overrides))
+    return build_model(load_model_config(TINY, overrides), "cpu", Storage())
 
 
 def _trained_state(overrides: list[str]) -> dict[str, Tensor]:

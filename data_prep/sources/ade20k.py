@@ -14,11 +14,11 @@ import numpy as np
 
 from core import records as R
 from core.records import Category, Reject, SampleRecord
+from core.storage import Storage, join
 from data_prep.shard_config import SourceConfig
 from data_prep.sources.coco_json import SourceError
 from data_prep.sources.coco_style_build import list_folder
 from data_prep.sources.index import SAMPLE_OVERHEAD_BYTES, SourceIndex, combine_fingerprints, listing_digest
-from core.storage import Storage, join
 
 SPLIT_DIRS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")

@@ -4,10 +4,10 @@ Segmentations (polygons with several parts, crowd regions as uncompressed RLE, c
 carried raw to the shard tasks, which store every one as compressed RLE (pycocotools)."""
 from __future__ import annotations
 
+from core.storage import Storage, join
 from data_prep.shard_config import SourceConfig
 from data_prep.sources.coco_style import CocoStyleIndex
 from data_prep.sources.coco_style_build import build_coco_style
-from core.storage import Storage, join
 
 
 def build(cfg: SourceConfig, storage: Storage, workdir: str) -> CocoStyleIndex:

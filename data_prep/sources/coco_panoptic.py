@@ -12,6 +12,7 @@ import numpy as np
 
 from core import records as R
 from core.records import Reject, SampleRecord, SegmentRecord
+from core.storage import Storage, join
 from data_prep.shard_config import SourceConfig
 from data_prep.sources.box_rules import box_text, check_boxes
 from data_prep.sources.coco_json import (
@@ -25,14 +26,13 @@ from data_prep.sources.coco_json import (
 from data_prep.sources.coco_style import select_images
 from data_prep.sources.coco_style_build import list_folder, local_copy
 from data_prep.sources.index import (
-    SAMPLE_OVERHEAD_BYTES,
     ANNOTATION_BYTES,
+    SAMPLE_OVERHEAD_BYTES,
     SourceIndex,
     combine_fingerprints,
     image_key,
     listing_digest,
 )
-from core.storage import Storage, join
 
 
 @dataclass(frozen=True)

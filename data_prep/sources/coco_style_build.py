@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from core.storage import Storage, is_s3, join
 from data_prep.sources.coco_json import (
     AnnotationFile,
     SourceError,
@@ -16,7 +17,6 @@ from data_prep.sources.coco_json import (
 )
 from data_prep.sources.coco_style import CocoStyleIndex, select_annotations, select_images
 from data_prep.sources.index import combine_fingerprints, list_relative, listing_digest
-from core.storage import Storage, is_s3, join
 
 
 def local_copy(storage: Storage, uri: str, workdir: str) -> str:

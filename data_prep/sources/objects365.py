@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 
+from core.storage import Storage, join
 from data_prep.shard_config import SourceConfig
 from data_prep.sources.coco_style import CocoStyleIndex
 from data_prep.sources.coco_style_build import build_coco_style
-from core.storage import Storage, join
 
 _V2_PREFIX = re.compile(r"^images/v\d+/")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 IGNORE_LABEL = 255
 
@@ -266,8 +267,6 @@ def _read_label_map(path: Path) -> np.ndarray:
     return labels
 
 
-def _progress(pairs: list[tuple[Path, Path]], enabled: bool):
-    from tqdm import tqdm
-
+def _progress(pairs: list[tuple[Path, Path]], enabled: bool) -> tqdm:
     # disable=None: show the bar only on a terminal, so logs of batch jobs stay clean.
     return tqdm(pairs, desc="semantic eval", unit="img", disable=None if enabled else True)
