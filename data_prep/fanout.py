@@ -50,8 +50,25 @@ def _init_ray(cfg: ExecutorConfig) -> None:
         # A remote cluster may not have this project installed: ship what shard tasks import with the job.
         ray.init(address=cfg.address, runtime_env={"py_modules": [core, data_prep]}, logging_level=logging.WARNING)
     else:
+        quiet_local_ray_auth_notice()
         ray.init(num_cpus=cfg.num_cpus or None, object_store_memory=cfg.object_store_bytes,
                  include_dashboard=False, logging_level=logging.WARNING)
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    """Ray enables token authentication for every new local cluster (the secure default) and says so on
+    stderr at each start: a line of noise in front of our one-line summaries and errors. Only that
+    notice is dropped; the warning that authentication is *disabled* stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def quiet_local_ray_auth_notice() -> None:
+    """Install the filter (once) on the logger of Ray's authentication set-up; call before ray.init."""
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in auth_log.filters):
+        auth_log.addFilter(_DropTokenAuthNotice())
 
 
 def _run_on_ray(jobs: Iterable[ShardJob], cfg: ExecutorConfig) -> Iterator[ShardResult]:

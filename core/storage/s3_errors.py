@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import urlsplit
 
 import botocore.exceptions as bce
 
@@ -103,8 +104,12 @@ def cause(exc: BaseException) -> BaseException | None:
 
 
 def _endpoint(exc: BaseException) -> str:
+    """" scheme://host:port" of the endpoint botocore could not reach (its message has the whole request URL)."""
     url = (getattr(exc, "kwargs", None) or {}).get("endpoint_url")
-    return f" {scrub(str(url))}" if url else ""
+    if not url:
+        return ""
+    parts = urlsplit(str(url))
+    return f" {scrub(f'{parts.scheme}://{parts.netloc}' if parts.netloc else str(url))}"
 
 
 def storage_error(exc: BaseException, op: str, uri: str, attempts: int = 1,
