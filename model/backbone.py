@@ -1,4 +1,4 @@
-"""Backbones (MODEL_SPEC section 1): timm ResNet-50 and Swin wrapped to return {"res2".."res5"}.
+"""Backbones (docs/model.md#backbone): timm ResNet-50 and Swin wrapped to return {"res2".."res5"}.
 
 Both are built with ``timm.create_model(..., features_only=True, pretrained=False)`` and return a dict of
 NCHW feature maps ``[B, C_l, H/s_l, W/s_l]`` for strides 4/8/16/32, for any input whose H and W are

@@ -1,4 +1,4 @@
-"""Mask DINO training losses (official `SetCriterion`), weight dict, MODEL_SPEC 4.
+"""Mask DINO training losses (official `SetCriterion`), weight dict, docs/model.md#criterion.
 
 `SetCriterion.forward` returns UNWEIGHTED losses under the official names (`loss_ce`, `loss_mask`,
 `loss_dice`, `loss_bbox`, `loss_giou`, with suffixes `_dn`, `_interm`, `_{i}`, `_dn_{i}`); the caller

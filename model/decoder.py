@@ -1,5 +1,5 @@
 """DINO's deformable transformer decoder: post-norm layers (self-attn -> deformable cross-attn -> FFN) over
-4-d anchor boxes, refined layer by layer through the shared box head (MODEL_SPEC 3.5)."""
+4-d anchor boxes, refined layer by layer through the shared box head (docs/model.md#decoder)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Unified denoising (DN-DETR style, no contrastive negatives): noised ground-truth labels and boxes become
 extra decoder queries, grouped so that groups cannot see each other and matching queries cannot see any of
-them (MODEL_SPEC 3.4). Training only."""
+them (docs/model.md#denoising). Training only."""
 
 from __future__ import annotations
 

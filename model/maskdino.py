@@ -1,5 +1,5 @@
 """Mask DINO, composed: normalise and pad images, backbone -> pixel decoder -> decoder head; losses in
-training, post-processed instance / panoptic / semantic results in eval (MODEL_SPEC 0 and 5).
+training, post-processed instance / panoptic / semantic results in eval (docs/model.md#composition and docs/model.md#post-processing).
 
 Composition only: every part lives in its own module. No devices are chosen here (they follow the
 inputs) and nothing distributed happens: `num_masks` is averaged across ranks by the trainer.

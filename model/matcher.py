@@ -1,4 +1,4 @@
-"""Hungarian matcher of Mask DINO ("hybrid matching": class + box + mask costs), MODEL_SPEC 4.6.
+"""Hungarian matcher of Mask DINO ("hybrid matching": class + box + mask costs), docs/model.md#matcher.
 
 Per image the cost matrix C [Q, n] is a weighted sum of a focal classification cost, an L1 and a -GIoU box
 cost, and point-sampled mask BCE and dice costs; scipy's linear_sum_assignment solves it. Reproduces

@@ -1,7 +1,7 @@
 """Adapter for the authors' checkpoints (detectron2 format): official state-dict names -> ours.
 
 Official files are `{"model": state_dict, ...}` or a bare state_dict, loaded with
-`torch.load(weights_only=True)` only. What the adapter resolves (MODEL_SPEC 0 and 10):
+`torch.load(weights_only=True)` only. What the adapter resolves (docs/model.md#state-dict-keys):
 - aliases: the shared box head appears 19 times (`_bbox_embed`, `bbox_embed.{i}`, `decoder.bbox_embed.{i}`)
   and the decoder norm twice (`decoder_norm`, `decoder.norm`); copies must be identical and become one tensor;
 - renames: `pixel_decoder.transformer.*` -> `pixel_decoder.encoder.*`, `adapter_k`/`layer_k` ->

@@ -1,5 +1,5 @@
 """The pixel decoder (`MaskDINOEncoder`): a multi-scale deformable transformer encoder over backbone levels
-plus extra stride-2 levels, and one FPN step that makes the 1/4-resolution mask features (MODEL_SPEC 2).
+plus extra stride-2 levels, and one FPN step that makes the 1/4-resolution mask features (docs/model.md#pixel-decoder).
 
 Level order is the official one and easy to get wrong: with `feature_order="low2high"` the encoder token
 sequence is high resolution first ([1/8, 1/16, 1/32, 1/64] for R50) despite the name; with "high2low" it is

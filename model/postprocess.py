@@ -1,4 +1,4 @@
-"""Inference post-processing of one image (official `MaskDINO.forward` eval branch), MODEL_SPEC 5.
+"""Inference post-processing of one image (official `MaskDINO.forward` eval branch), docs/model.md#post-processing.
 
 From the final decoder outputs of one image (class logits, 1/4-resolution mask logits, normalised cxcywh
 boxes) to instance, panoptic and semantic results in original-image pixels. Reproduces the official

@@ -1,5 +1,5 @@
 """Two-stage query selection: encoder-memory proposals, top-k by class score, and the mask-enhanced anchor
-initialisation that turns the selected queries' predicted masks into boxes (MODEL_SPEC 3.3)."""
+initialisation that turns the selected queries' predicted masks into boxes (docs/model.md#query-selection, docs/model.md#mask-enhanced-anchors)."""
 
 from __future__ import annotations
 

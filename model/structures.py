@@ -81,7 +81,7 @@ class HeadOutput:
 @dataclass
 class EncoderOutput:
     """Pixel decoder outputs. mask_features [B, mask_dim, H/4, W/4]; multi_scale [levels] of [B, C, h, w]
-    in encoder order (see MODEL_SPEC 2)."""
+    in encoder order (see docs/model.md#level-order)."""
 
     mask_features: Tensor
     multi_scale: list[Tensor]

@@ -1,4 +1,4 @@
-"""MLflow as a training-log backend (DESIGN.md section 6): experiments, runs, and a Logger on a run.
+"""MLflow as a training-log backend (docs/pipeline.md#mlflow): experiments, runs, and a Logger on a run.
 
 Everything goes through ``mlflow.tracking.MlflowClient`` on an explicit tracking URI and run id,
 never through MLflow's fluent globals (``mlflow.start_run``/``set_experiment``), so several loggers
@@ -8,7 +8,7 @@ Backends: ``sqlite:///ABS/mlflow.db`` (:func:`default_tracking_uri`) for a singl
 ``mlflow server`` (``http://...``) wherever several processes or hosts log. A bare file store is
 refused by MLflow >= 3.13.
 
-Rules learnt from MLflow 3.17 (COMPONENTS.md):
+Rules learnt from MLflow 3.17 (docs/pipeline.md#mlflow):
 - Create the experiment once, in the driver (:func:`ensure_experiment`), and hand its id to the
   workers: two processes calling ``set_experiment`` on a new name race, and the loser's runs land in
   experiment 0 ("Default").

@@ -1,4 +1,4 @@
-"""The model registry (DESIGN.md section 6): register fine-tuned bundles, promote a champion, resolve
+"""The model registry (docs/pipeline.md#registry): register fine-tuned bundles, promote a champion, resolve
 ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` back to a bundle folder.
 
 A registered version is an MLflow pyfunc "model from code" (``pipeline/registry_pyfunc.py``) whose

@@ -3,7 +3,7 @@
 The trainer talks to a :class:`Logger` only (``log_params``, ``log_metrics``, ``log_artifact``,
 ``close``), so the backends can change without touching it: today a tqdm progress bar plus plain
 lines on stderr (:class:`ConsoleLogger`) and a JSON-lines file in the run directory
-(:class:`JsonlLogger`, local or ``s3://``); an ``MlflowLogger`` (DESIGN.md section 6) will
+(:class:`JsonlLogger`, local or ``s3://``); an ``MlflowLogger`` (docs/pipeline.md#mlflow) will
 implement the same four methods. Only rank 0 logs: :func:`make_logger` hands every other rank a
 :class:`NullLogger`, so the trainer calls the logger unconditionally.
 

@@ -1,4 +1,4 @@
-"""Stage weight transfer (DESIGN 5): start a stage's model from the previous stage's weights.
+"""Stage weight transfer (docs/pipeline.md#stage-transfer): start a stage's model from the previous stage's weights.
 
 A fine-tune (e.g. COCO instance, 80 classes, masks on) starts from a pretrain (e.g. Objects365 detection,
 365 classes, `loss.mask_losses=false`). Every tensor is loaded from the source except those whose MEANING

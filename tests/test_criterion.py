@@ -1,4 +1,4 @@
-"""SetCriterion, losses and the weight dict (MODEL_SPEC 4)."""
+"""SetCriterion, losses and the weight dict (docs/model.md#criterion)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hungarian matcher (MODEL_SPEC 4.6) and the box / point-sampling helpers it relies on."""
+"""Hungarian matcher (docs/model.md#matcher) and the box / point-sampling helpers it relies on."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from pipeline.parallelize import (
     param_groups,
 )
 
-# (parameter, lr multiplier, weight decay) per the official build_optimizer (MODEL_SPEC 8)
+# (parameter, lr multiplier, weight decay) per the official build_optimizer (docs/model.md#optimizer)
 PROBES = [
     ("backbone.body.patch_embed.proj.weight", 0.1, 0.05),                         # backbone conv
     ("backbone.body.layers_0.blocks.0.norm1.weight", 0.1, 0.0),                   # backbone LayerNorm

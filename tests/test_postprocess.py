@@ -1,4 +1,4 @@
-"""Inference post-processing (MODEL_SPEC 5): instance, panoptic, semantic and the per-image driver."""
+"""Inference post-processing (docs/model.md#post-processing): instance, panoptic, semantic and the per-image driver."""
 
 from __future__ import annotations
 

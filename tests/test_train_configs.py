@@ -1,5 +1,5 @@
 """Run configs (configs/train/*.yaml): each loads as `maskdino train` reads it, carries the label set, loss
-mode, augmentation and schedule of its recipe (MODEL_SPEC 8; the O365 choices documented in the files),
+mode, augmentation and schedule of its recipe (docs/model.md#training-recipe; the O365 choices documented in the files),
 steps 16 images on the world size its header documents, and the tiny ones build. No training here."""
 
 from __future__ import annotations
