@@ -9,7 +9,8 @@
 * shard: the loaded ``ShardJobConfig`` (file + overrides) without ``output``, ``source.split``,
   ``executor``, ``storage``, ``progress`` (where and how it runs, not what it makes), plus ``splits``;
   ``source`` is the raw-data fingerprint below.
-* train: the fully loaded ``TrainConfig`` (``config_to_dict``) without ``storage``, whose wiring keys
+* train: the fully loaded ``TrainConfig`` (``config_to_dict``) without ``storage`` and ``faults``
+  (test-only fault injection: a crashed and resumed run makes the same model), whose wiring keys
   hold placeholders, not paths: ``run_dir`` = ``<output>``, ``data.manifest`` =
   ``<inputs.data>/<split>/manifest.json``, ``init_from`` = ``<inputs.init>/model``; the upstream keys sit
   in ``inputs``. Moving ``run_root`` (or renaming an upstream stage) therefore keeps every key. Plus the
@@ -255,7 +256,7 @@ def _config_material(pipeline: Pipeline, stage: LoadedStage) -> dict[str, Any]:
         return {**data, "splits": list(c.splits)}
     if c.kind == "train":
         scaling = pipeline.scaling(stage.name)
-        return {**_without(config_to_dict(stage.run_config), "storage"),
+        return {**_without(config_to_dict(stage.run_config), "storage", "faults"),
                 "scaling": {"workers": scaling.workers, "use_gpu": scaling.use_gpu}}
     if c.kind == "evaluate":
         return {"split": c.data_split, "batch_size": c.batch_size, "min_size": c.min_size,

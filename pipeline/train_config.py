@@ -65,6 +65,20 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """Fault injection, for tests and fault drills only: real runs leave it at the defaults. Not part of
+    a pipeline stage's key (orchestration/plan.py): a run that crashed and resumed makes the same model."""
+
+    # Exit hard right after this step (os._exit: no clean-up, no flush, like a killed node), in a run
+    # that did not resume, so that the restarted run (Ray Train, a test) goes on. 0 = never.
+    crash_after_step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.crash_after_step < 0:
+            raise InvalidValue("crash_after_step", self.crash_after_step, ">= 0 (0 = never)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     run_dir: str  # local folder or s3:// prefix: checkpoints/, metrics.jsonl, params.json, model/
     data: DataConfig
@@ -83,6 +97,7 @@ class TrainConfig:
     resume: str = "auto"
     seed: int = 0
     export: bool = True  # write the fp32 model bundle to run_dir/model at the end
+    faults: FaultConfig = field(default_factory=FaultConfig)  # tests and fault drills only
 
     def __post_init__(self) -> None:
         if not self.run_dir:

@@ -64,9 +64,6 @@ log = logging.getLogger(__name__)
 BUNDLE_DIR = "model"
 TRANSFER_REPORT = "transfer.json"
 STATE_DIR = "trainer_state"  # per-rank files `rank_<r>.pt` inside each checkpoint
-# Tests and fault drills: exit hard (no clean-up, like a killed node) right after this step, in a run
-# that did not resume (so the restarted run goes on).
-CRASH_ENV = "MASKDINO_CRASH_AFTER_STEP"
 
 
 class TrainError(RuntimeError):
@@ -432,7 +429,7 @@ class Trainer:
         losses: dict[int, float] = {}
         batches = iter(self.loader)
         # Only a run that started afresh crashes, so a restarted one (Ray Train, a test) gets through.
-        crash_after = 0 if self.plan.resume_uri else int(os.environ.get(CRASH_ENV, "0") or 0)
+        crash_after = 0 if self.plan.resume_uri else cfg.faults.crash_after_step
         try:
             while self.step < cfg.schedule.max_steps:
                 metrics = self._train_step(batches)  # step self.step + 1
