@@ -81,6 +81,7 @@ __all__ = [
     "inline",
     "load_config",
     "parse_overrides",
+    "with_values",
 ]
 
 T = TypeVar("T")
@@ -485,6 +486,21 @@ def config_from_dict(schema: type[T], data: Mapping[str, Any], source: str = "<d
     if not isinstance(tree, Map):
         raise _type_error(tree, "", _describe(schema))
     return _build(tree, schema, "")
+
+
+def with_values(cfg: T, values: Mapping[str, Any]) -> T:
+    """``cfg`` with dotted keys set (``{"data.manifest": uri}``) by ``dataclasses.replace`` along each
+    path: typed values, nothing re-parsed; every rebuilt dataclass runs its ``__post_init__`` again."""
+    for dotted, value in values.items():
+        cfg = _with_value(cfg, dotted.split("."), value, dotted)
+    return cfg
+
+
+def _with_value(obj: Any, path: list[str], value: Any, dotted: str) -> Any:
+    name, *rest = path
+    if not (dataclasses.is_dataclass(obj) and name in {f.name for f in dataclasses.fields(obj)}):
+        raise TypeError(f"cannot set '{dotted}': {type(obj).__name__} has no field '{name}'")  # a caller's bug
+    return dataclasses.replace(obj, **{name: _with_value(getattr(obj, name), rest, value, dotted) if rest else value})
 
 
 def dump_config(cfg: Any) -> str:

@@ -22,6 +22,7 @@ from core.config import (
     inline,
     load_config,
     parse_overrides,
+    with_values,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -695,3 +696,14 @@ def test_invalid_value_names_the_dotted_key_and_the_layer_that_set_it(tmp_path: 
     assert "key 'steps.a.batch_size' in command line override must be >= 1; got int 0" in msg
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):  # constructed in code
         Limits(batch_size=0)
+
+
+def test_with_values_replaces_dotted_keys_and_checks_again() -> None:
+    job = Job("j", data=Data(shard=Shard(maxcount=3)))
+    changed = with_values(job, {"workers": 5, "data.shard.maxcount": 7, "data.name": "ade"})
+    assert changed == Job("j", 5, Data(name="ade", shard=Shard(maxcount=7)))
+    assert job.data.shard.maxcount == 3  # the original is untouched
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        with_values(job, {"workers": 0})
+    with pytest.raises(TypeError, match="cannot set 'data.shard.maxcont': Shard has no field 'maxcont'"):
+        with_values(job, {"data.shard.maxcont": 1})
