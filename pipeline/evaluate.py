@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -175,3 +175,9 @@ def write_report(storage: Storage, output: str, report: EvalReport, task_report:
         storage.write_bytes(uri, data)
         written.append(uri)
     return written
+
+
+def read_report(storage: Storage, uri: str) -> EvalReport:
+    """The :class:`EvalReport` in a report.json that :func:`write_report` wrote."""
+    data = json.loads(storage.read_bytes(uri))
+    return EvalReport(**{f.name: data[f.name] for f in fields(EvalReport)})

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.synthetic import SyntheticSpec, make_synthetic
-from orchestration.ray_train import Scaling, run_training
+from orchestration.ray_train import Scaling, TrainJob, run_training
 from pipeline.mlflow_tracking import (
     client,
     default_tracking_uri,
@@ -48,9 +48,9 @@ def test_a_killed_worker_is_restarted_and_the_stage_completes_from_its_checkpoin
     run_id = start_run(uri, ensure_experiment(uri, "ray-train-test"), "finetune_instance")
 
     # Every worker exits hard after step 5 in the first attempt; the restarted group resumes from step 3.
-    outcome = run_training(cfg, Scaling(workers=2), max_failures=1, storage_path=str(tmp_path / "ray"),
-                           name="finetune_instance", tracking_uri=uri, mlflow_run_id=run_id,
-                           env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
+    job = TrainJob(cfg, tracking_uri=uri, mlflow_run_id=run_id, system_metrics_interval_s=1.0)
+    outcome = run_training(job, Scaling(workers=2), max_failures=1, storage_path=str(tmp_path / "ray"),
+                           name="finetune_instance")
 
     assert outcome.steps == 8 and outcome.bundle == f"{run_dir}/model"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
