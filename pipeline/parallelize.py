@@ -169,6 +169,7 @@ def build_engine(model: nn.Module, optim: OptimConfig, schedule: ScheduleConfig,
                  world_size: int, load_universal: bool = False):
     """(DeepSpeed engine, its optimizer, its LR scheduler). The process group must exist already.
     load_universal: the checkpoint to be loaded is a universal one (written at another world size)."""
+    # deepspeed takes seconds to import: loading a train config (which imports this module) must not
     import deepspeed
 
     optimizer = build_optimizer(model, optim)
