@@ -19,6 +19,16 @@ Supported field types: ``int``, ``float``, ``bool``, ``str``, ``pathlib.Path``, 
 ``X | None`` (and other unions, tried in order), ``Literal[...]``, ``Enum`` subclasses (by value),
 ``tuple[T, ...]`` / fixed tuples, ``list[T]``, ``dict[K, V]`` / ``Mapping[K, V]`` and nested
 dataclasses. Coercion is deliberately strict; see :func:`_scalar` for the few exceptions.
+
+Three things a schema can say beyond its types:
+
+* ``Annotated[A | B | C, Tagged("kind", "stages")]``: a *tagged union* of dataclasses, each with a
+  field ``kind: Literal[...]``. The mapping's ``kind`` picks the arm, so a mistake inside it is
+  reported by that arm alone, and a key that only another arm has says which arms it applies to.
+* ``settings: EvalSettings = inline(EvalSettings)``: a nested dataclass whose keys sit in the
+  enclosing mapping (the YAML stays flat; :func:`config_to_dict` writes them flat too).
+* ``raise InvalidValue("batch_size", value, ">= 1")`` in ``__post_init__``: the error then names
+  the full dotted key and the layer that set it, not only the enclosing section.
 """
 
 from __future__ import annotations
@@ -32,14 +42,15 @@ import pathlib
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 
 from core.config_layers import (
     DEFAULTS_SOURCE,
+    INLINE,
     OVERRIDE_SOURCE,
     SCHEMA_DEFAULTS_SOURCE,
     ConfigError,
@@ -62,11 +73,15 @@ from core.config_layers import (
 __all__ = [
     "OVERRIDE_SOURCE",
     "ConfigError",
+    "InvalidValue",
+    "Tagged",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
+    "inline",
     "load_config",
     "parse_overrides",
+    "with_values",
 ]
 
 T = TypeVar("T")
@@ -76,6 +91,36 @@ T = TypeVar("T")
 _SCI_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 # Refuse to materialise absurd integers like 1e1000000 from a typo.
 _MAX_SCI_INT_DIGITS = 100
+
+
+# --------------------------------------------------------------------------------------------
+# What schemas use beyond types.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Tagged:
+    """``Annotated[A | B, Tagged("kind", "stages")]``: the arm is the one whose ``kind: Literal[...]``
+    holds the mapping's ``kind``. ``noun`` (plural) names the arms in messages: "applies to evaluate
+    stages"."""
+
+    field: str
+    noun: str = "kinds"
+
+
+class InvalidValue(ValueError):
+    """Raised by a schema's ``__post_init__`` for the value of one of its fields, so that a loaded
+    config's error names the full dotted key and where it was set."""
+
+    def __init__(self, field: str, value: Any, expected: str) -> None:
+        super().__init__(f"{field} must be {expected}, got {value!r}")
+        self.field, self.value, self.expected = field, value, expected
+
+
+def inline(default_factory: Callable[[], T]) -> Any:
+    """A nested dataclass field whose keys sit in the enclosing mapping (``batch_size: 4`` beside
+    the other keys, not under the field's name); filled from ``default_factory()`` where unset."""
+    return dataclasses.field(default_factory=default_factory, metadata={INLINE: True})
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +139,10 @@ class _FieldSpec:
     field: dataclasses.Field[Any]
 
     @property
+    def inline(self) -> bool:
+        return bool(self.field.metadata.get(INLINE))
+
+    @property
     def required(self) -> bool:
         return (
             self.field.default is dataclasses.MISSING
@@ -110,11 +159,21 @@ class _FieldSpec:
 
 @functools.cache
 def _field_specs(cls: type) -> tuple[_FieldSpec, ...]:
-    # get_type_hints resolves string annotations (`from __future__ import annotations`).
-    hints = typing.get_type_hints(cls)
+    # get_type_hints resolves string annotations (`from __future__ import annotations`);
+    # include_extras keeps Annotated (tagged unions).
+    hints = typing.get_type_hints(cls, include_extras=True)
     return tuple(
         _FieldSpec(f.name, hints.get(f.name, Any), f) for f in dataclasses.fields(cls) if f.init
     )
+
+
+@functools.cache
+def _config_keys(cls: type) -> tuple[str, ...]:
+    """The keys a mapping for ``cls`` may hold: its fields, with inline fields' keys in their place."""
+    keys: list[str] = []
+    for spec in _field_specs(cls):
+        keys += _config_keys(spec.hint) if spec.inline else [spec.name]
+    return tuple(keys)
 
 
 def _is_union(tp: Any) -> bool:
@@ -132,6 +191,8 @@ def _describe(tp: Any) -> str:
         return "any value"
     if tp is type(None):
         return "null"
+    if origin is Annotated:
+        return _describe(args[0])
     if _is_union(tp):
         arms = [_describe(a) for a in args if a is not type(None)]
         if type(None) in args:
@@ -218,6 +279,11 @@ def _coerce(node: Node, tp: Any, key: str, expected: str | None = None) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any or tp is object:
         return plain(node)
+    if origin is Annotated:
+        tagged = next((m for m in tp.__metadata__ if isinstance(m, Tagged)), None)
+        if tagged is None:
+            return _coerce(node, args[0], key, expected)
+        return _coerce_tagged(node, args[0], tagged, key, expected)
     if _is_union(tp):
         return _coerce_union(node, tp, key)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
@@ -272,6 +338,33 @@ def _coerce_union(node: Node, tp: Any, key: str) -> Any:
     raise _type_error(node, key, _describe(tp))
 
 
+def _tag_values(arm: type, tag: str) -> tuple[Any, ...]:
+    hint = typing.get_type_hints(arm).get(tag)
+    if not dataclasses.is_dataclass(arm) or typing.get_origin(hint) is not Literal:
+        raise TypeError(f"tagged union arm {arm!r} needs a field '{tag}: Literal[...]'")  # a schema bug
+    return typing.get_args(hint)
+
+
+def _coerce_tagged(node: Node, union: Any, tagged: Tagged, key: str, expected: str | None) -> Any:
+    """Build the arm of ``union`` that the mapping's tag names; keys of other arms say so."""
+    arms = {value: arm for arm in typing.get_args(union) for value in _tag_values(arm, tagged.field)}
+    if not isinstance(node, Map):
+        raise _type_error(node, key, expected or f"a mapping with '{tagged.field}'")
+    tag_key = join_key(key, tagged.field)
+    tag_node = node.items.get(tagged.field)
+    if tag_node is None:
+        raise ConfigError(f"missing required key '{tag_key}' (not set in {where(node.sources)}): "
+                          f"one of {', '.join(repr(v) for v in arms)}")
+    value = _coerce(tag_node, Literal[tuple(arms)], tag_key)
+    arm = arms[value]
+    for name, child in node.items.items():
+        others = [str(v) for v, a in arms.items() if name in _config_keys(a)]
+        if name not in _config_keys(arm) and others:
+            raise ConfigError(f"key '{join_key(key, name)}' applies to {'/'.join(others)} {tagged.noun}; it is "
+                              f"not used by {value} {tagged.noun} (set in {node_where(child)})")
+    return _build(node, arm, key)
+
+
 def _coerce_sequence(node: Node, tp: Any, key: str, expected: str | None) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     container = tuple if (tp is tuple or origin is tuple) else list
@@ -303,12 +396,15 @@ def _unknown_key_error(node: Map, key: str, name: Any, allowed: list[str]) -> Co
 def _build(node: Map, cls: type[T], key: str) -> T:
     """Validate a mapping against dataclass ``cls`` and construct it."""
     specs = _field_specs(cls)
-    allowed = [spec.name for spec in specs]
+    allowed = list(_config_keys(cls))
     for name in node.items:
         if name not in allowed:
             raise _unknown_key_error(node, key, name, allowed)
     kwargs: dict[str, Any] = {}
     for spec in specs:
+        if spec.inline:
+            kwargs[spec.name] = _build_inline(node, spec, key)
+            continue
         child_key = join_key(key, spec.name)
         child = node.items.get(spec.name)
         if child is None:
@@ -326,10 +422,27 @@ def _build(node: Map, cls: type[T], key: str) -> T:
         kwargs[spec.name] = _coerce(child, spec.hint, child_key)
     try:
         return cls(**kwargs)
+    except InvalidValue as err:
+        child = node.items.get(err.field)
+        raise ConfigError(
+            f"key '{join_key(key, err.field)}' in {node_where(child) if child else where(node.sources)} "
+            f"must be {err.expected}; got {describe_value(err.value)}"
+        ) from err
     except (ValueError, TypeError) as err:
         # __post_init__ validation: say which part of the config and which layers it came from.
         what = f"'{key}' ({cls.__name__})" if key else f"config ({cls.__name__})"
         raise ConfigError(f"invalid {what} in {where(node.sources)}: {err}") from err
+
+
+def _build_inline(node: Map, spec: _FieldSpec, key: str) -> Any:
+    """An inline field from its keys in ``node``, completing the field's default instance."""
+    keys = set(_config_keys(spec.hint))
+    own: Node = Map({k: v for k, v in node.items.items() if k in keys}, node.sources)
+    default = spec.default_value()
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        own = merge(to_tree(default, SCHEMA_DEFAULTS_SOURCE, key), own)
+    assert isinstance(own, Map)
+    return _build(own, spec.hint, key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,6 +486,21 @@ def config_from_dict(schema: type[T], data: Mapping[str, Any], source: str = "<d
     if not isinstance(tree, Map):
         raise _type_error(tree, "", _describe(schema))
     return _build(tree, schema, "")
+
+
+def with_values(cfg: T, values: Mapping[str, Any]) -> T:
+    """``cfg`` with dotted keys set (``{"data.manifest": uri}``) by ``dataclasses.replace`` along each
+    path: typed values, nothing re-parsed; every rebuilt dataclass runs its ``__post_init__`` again."""
+    for dotted, value in values.items():
+        cfg = _with_value(cfg, dotted.split("."), value, dotted)
+    return cfg
+
+
+def _with_value(obj: Any, path: list[str], value: Any, dotted: str) -> Any:
+    name, *rest = path
+    if not (dataclasses.is_dataclass(obj) and name in {f.name for f in dataclasses.fields(obj)}):
+        raise TypeError(f"cannot set '{dotted}': {type(obj).__name__} has no field '{name}'")  # a caller's bug
+    return dataclasses.replace(obj, **{name: _with_value(getattr(obj, name), rest, value, dotted) if rest else value})
 
 
 def dump_config(cfg: Any) -> str:

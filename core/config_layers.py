@@ -28,6 +28,9 @@ OVERRIDE_SOURCE = "command line override"
 # Far above any real config (the Swin-L train config has a few hundred values), far below what
 # makes merging or an error message slow.
 MAX_YAML_VALUES = 100_000
+# dataclasses.field metadata key of an inline field (core.config.inline): a nested dataclass whose
+# keys sit in the enclosing mapping, so its values read and dump beside the enclosing fields.
+INLINE = "core.config.inline"
 
 _OVERRIDE_KEY = re.compile(r"[^\s.=]+(?:\.[^\s.=]+)*")
 _YAML_NULLS = frozenset({"null", "Null", "NULL", "~"})
@@ -63,8 +66,13 @@ def describe_value(value: Any) -> str:
 
 def _to_plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = [f for f in dataclasses.fields(value) if f.init]
-        return {f.name: _to_plain(getattr(value, f.name)) for f in fields}
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            if f.init and f.metadata.get(INLINE):
+                out.update(_to_plain(getattr(value, f.name)))
+            elif f.init:
+                out[f.name] = _to_plain(getattr(value, f.name))
+        return out
     if isinstance(value, enum.Enum):
         return _to_plain(value.value)
     if isinstance(value, Mapping):

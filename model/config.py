@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from model.backbone import BackboneConfig
 from model.criterion import LossSettings
@@ -11,6 +12,9 @@ from model.matcher import MatcherConfig
 from model.pixel_decoder import PixelDecoderConfig
 from model.postprocess import InferenceConfig
 from model.predictor import DecoderConfig
+
+# Multi-scale deformable attention kernels (model/msda_dispatch.py BACKENDS).
+MsdaBackend = Literal["auto", "reference", "cpp", "cuda"]
 
 
 @dataclass
@@ -28,4 +32,4 @@ class ModelConfig:
     # Contiguous ids of the thing classes (panoptic post-processing keeps only these as instances).
     thing_classes: list[int] = field(default_factory=list)
     # Multi-scale deformable attention kernels: auto | cpp | cuda | reference.
-    msda_backend: str = "auto"
+    msda_backend: MsdaBackend = "auto"

@@ -26,10 +26,13 @@ import dataclasses
 import logging
 import os
 import re
+import shlex
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import requests
 
 from core.config import ConfigError
 
@@ -123,8 +126,6 @@ def resolve_address(address: str | None) -> str:
 
 def probe(address: str, timeout_s: float = 10.0) -> str:
     """GET {address}/api/version with a short timeout; the server's Ray version, or JobsError."""
-    import requests
-
     address = resolve_address(address)
     fix = (f"is the Ray head up with its dashboard there (`ray start --head --dashboard-host=127.0.0.1 "
            f"--dashboard-port={DEFAULT_DASHBOARD_PORT}`), or the SSH tunnel open?")
@@ -150,7 +151,7 @@ def probe(address: str, timeout_s: float = 10.0) -> str:
 
 def _auth_headers() -> dict[str, str]:
     try:
-        from ray._private.authentication import http_token_authentication as auth
+        from ray._private.authentication import http_token_authentication as auth  # ray: seconds, only now
 
         return dict(auth.get_auth_headers_if_auth_enabled({}))
     except (ImportError, AttributeError, RuntimeError):  # another Ray: the client adds what it needs
@@ -161,7 +162,7 @@ def connect(address: str | None, timeout_s: float = 10.0):
     """A JobSubmissionClient for `address`, after a quick probe (the client itself waits without a timeout)."""
     address = resolve_address(address)
     probe(address, timeout_s)
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # ray takes seconds: only after the probe answered
 
     if not log.isEnabledFor(logging.DEBUG):  # Ray logs every packaging step at INFO on stderr
         logging.getLogger("ray").setLevel(logging.WARNING)
@@ -181,8 +182,7 @@ class _ray_errors:
     def __exit__(self, exc_type, exc, tb):
         if exc is None or isinstance(exc, JobsError):
             return False
-        import requests
-        from ray.exceptions import AuthenticationError
+        from ray.exceptions import AuthenticationError  # ray: imported by connect() already, never at start-up
 
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, AuthenticationError):
@@ -229,7 +229,7 @@ def build_runtime_env(runtime_env: Mapping[str, Any] | None = None, *, working_d
 
 def is_excluded(relative_path: str, excludes: Sequence[str] = DEFAULT_EXCLUDES) -> bool:
     """Whether `relative_path` (inside the working_dir) matches an exclude pattern (Ray's own matcher)."""
-    from ray._private.thirdparty.pathspec import PathSpec
+    from ray._private.thirdparty.pathspec import PathSpec  # ray takes seconds to import: only when packaging
 
     spec = PathSpec.from_lines("gitwildmatch", list(excludes))
     parts = Path(relative_path).parts
@@ -241,7 +241,7 @@ def is_excluded(relative_path: str, excludes: Sequence[str] = DEFAULT_EXCLUDES) 
 def working_dir_size(working_dir: str | os.PathLike = PROJECT_ROOT,
                      excludes: Sequence[str] = DEFAULT_EXCLUDES) -> tuple[int, int]:
     """(files, bytes before zipping) that Ray would upload, walking the folder the way Ray does."""
-    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes  # ray: only when packaging
 
     root = Path(working_dir).resolve()
     totals = [0, 0]
@@ -282,8 +282,6 @@ def pipeline_entrypoint(pipeline_path: str | os.PathLike, extra_args: Sequence[s
                         working_dir: str | os.PathLike | None = None,
                         excludes: Sequence[str] = DEFAULT_EXCLUDES) -> str:
     """`python -m pipeline.cli run REL ...` with REL the pipeline file relative to the working_dir."""
-    import shlex
-
     root = Path(working_dir or PROJECT_ROOT).resolve()
     path = Path(pipeline_path).expanduser()
     path = (path if path.is_absolute() else Path.cwd() / path).resolve()

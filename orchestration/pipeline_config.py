@@ -16,15 +16,20 @@
       evaluate:     {kind: evaluate, split: val, inputs: {model: finetune, data: shard_coco}}
       register:     {kind: register, name: maskdino-instance, inputs: {model: finetune, report: evaluate}}
 
-Stage kinds, their roles (``inputs``: role -> upstream stage of the given kind) and their own fields:
+Stage kinds, their roles (``inputs``: role -> upstream stage of the given kind) and their own fields;
+each kind is its own dataclass (:class:`ShardStage`, :class:`TrainStage`, :class:`EvaluateStage`,
+:class:`RegisterStage`), picked by ``kind``, with exactly these fields:
 
 =========  ==========================================  =============================================
-kind       inputs                                      fields (besides config / overrides / inputs)
+kind       inputs                                      fields (besides kind / inputs)
 =========  ==========================================  =============================================
-shard      (none)                                      ``splits`` (default [train, val])
-train      data: shard (required), init: train         ``split`` (of the data, default train), ``scaling``
-evaluate   model: train, data: shard (both required)   ``split`` (default val), ``batch_size``,
-                                                       ``min_size``, ``max_size``, ``limit``, ``scaling``
+shard      (none)                                      ``config``, ``overrides``, ``splits`` (default
+                                                       [train, val])
+train      data: shard (required), init: train         ``config``, ``overrides``, ``split`` (of the
+                                                       data, default train), ``scaling``
+evaluate   model: train, data: shard (both required)   ``split`` (default val), ``scaling``, and the
+                                                       ``EvalSettings`` keys ``batch_size``,
+                                                       ``min_size``, ``max_size``, ``limit``
 register   model: train, report: evaluate (required)   ``name`` (required), ``task`` ("" = the report's),
                                                        ``promote`` (move ``champion`` if better)
 =========  ==========================================  =============================================
@@ -36,6 +41,9 @@ both); evaluate and register stages have no config file, their few settings are 
 the run config exactly as on the ``maskdino shard`` / ``maskdino train`` command lines. The pipeline
 owns the wiring keys: ``output`` and ``source.split`` of shard configs, ``run_dir``, ``data.manifest``
 and (with an ``init`` input) ``init_from`` of train configs; overriding them in a stage is an error.
+The run config is loaded once, here, with placeholders in the wiring keys (they feed the stage key,
+which must not depend on locations); the executor sets the real locations on that same dataclass
+(``dataclasses.replace``, orchestration/plan.py) and hands it to the workers.
 Relative paths *inside* run configs (``source.root``, ``run_dir``...) stay relative to the working
 directory, as everywhere else in the project.
 
@@ -52,37 +60,42 @@ are refused by the loader).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from data_prep.shard_config import ShardJobConfig
+from core.config import OVERRIDE_SOURCE, ConfigError, Tagged, inline, load_config, parse_overrides
 from core.storage import StorageConfig
-from core.config import OVERRIDE_SOURCE, ConfigError, load_config, parse_overrides
+from data_prep.shard_config import ShardJobConfig
+from pipeline.eval_settings import EvalSettings
+
+if TYPE_CHECKING:  # annotations only: importing it at run time pulls in torch
+    from pipeline.train_config import TrainConfig
 
 __all__ = [
     "OUTPUT_PLACEHOLDER",
     "ROLES",
+    "AnyStage",
+    "EvaluateStage",
     "FailureConfig",
     "LoadedStage",
     "Pipeline",
     "PipelineConfig",
     "RayConfig",
+    "RegisterStage",
     "ScalingConfig",
+    "ShardStage",
     "StageConfig",
     "StageGraph",
+    "TrainStage",
     "input_placeholder",
     "load_pipeline",
     "owned_keys",
     "stage_names",
-    "wiring_overrides",
 ]
-
-StageKind = Literal["shard", "train", "evaluate", "register"]
 
 # kind -> role -> (upstream kind, required)
 ROLES: dict[str, dict[str, tuple[str, bool]]] = {
@@ -91,14 +104,6 @@ ROLES: dict[str, dict[str, tuple[str, bool]]] = {
     "evaluate": {"model": ("train", True), "data": ("shard", True)},
     "register": {"model": ("train", True), "report": ("evaluate", True)},
 }
-_COMMON_FIELDS = ("kind", "config", "overrides", "inputs")
-_KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "shard": ("splits",),
-    "train": ("split", "scaling"),
-    "evaluate": ("split", "batch_size", "min_size", "max_size", "limit", "scaling"),
-    "register": ("name", "task", "promote"),
-}
-_DEFAULT_SPLIT = {"train": "train", "evaluate": "val"}
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 # Stand-ins for the wiring keys while a run config is loaded for validation and keying: the real
@@ -131,7 +136,7 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    """Ray Train's ScalingConfig for train stages: one DeepSpeed process per worker."""
+    """Ray Train's ScalingConfig for train and evaluate stages: one process per worker."""
 
     workers: int = 1
     use_gpu: bool = False
@@ -153,36 +158,61 @@ class FailureConfig:
 
 
 @dataclass(frozen=True)
-class StageConfig:
-    kind: StageKind
-    config: str = ""  # run config file, relative to the pipeline file (shard and train stages)
-    overrides: tuple[str, ...] = ()
-    inputs: dict[str, str] = field(default_factory=dict)  # role -> upstream stage name
-    # shard
+class ShardStage:
+    """Shard a raw dataset: one ``ShardJobConfig`` run per split, each into ``<output>/<split>/``."""
+
+    kind: Literal["shard"]
+    config: str = ""  # ShardJobConfig file, relative to the pipeline file (required)
+    overrides: tuple[str, ...] = ()  # key=value, as on the `maskdino shard` command line
+    inputs: dict[str, str] = field(default_factory=dict)  # none
     splits: tuple[str, ...] = ("train", "val")
-    # train (the data split to train on) / evaluate (the split to evaluate); "" = train / val
-    split: str = ""
-    scaling: ScalingConfig | None = None  # train / evaluate: replaces the pipeline's `scaling`
-    # evaluate (pipeline.evaluate.EvalSettings)
-    batch_size: int = 1
-    min_size: int = -1  # test-time short side; -1 = the dataset's official value, 0 = no resize
-    max_size: int = -1
-    limit: int = 0  # evaluate only the first N samples (0 = all)
-    # register
-    name: str = ""  # registered model name
+
+
+@dataclass(frozen=True)
+class TrainStage:
+    """Train (or fine-tune) with the ``TrainConfig`` file under Ray Train; ``<output>`` is the run_dir."""
+
+    kind: Literal["train"]
+    config: str = ""  # TrainConfig file, relative to the pipeline file (required)
+    overrides: tuple[str, ...] = ()  # key=value, as on the `maskdino train` command line
+    inputs: dict[str, str] = field(default_factory=dict)  # data: a shard stage; init (optional): a train stage
+    split: str = "train"  # the data input's split to train on
+    scaling: ScalingConfig | None = None  # replaces the pipeline's `scaling`
+
+
+@dataclass(frozen=True)
+class EvaluateStage:
+    """Evaluate the trained model (and the same architecture untrained, as the baseline) on a split."""
+
+    kind: Literal["evaluate"]
+    inputs: dict[str, str] = field(default_factory=dict)  # model: a train stage; data: a shard stage
+    split: str = "val"  # the data input's split to evaluate on
+    settings: EvalSettings = inline(EvalSettings)  # its keys batch_size, min_size, max_size, limit
+    scaling: ScalingConfig | None = None  # replaces the pipeline's `scaling`
+
+
+@dataclass(frozen=True)
+class RegisterStage:
+    """Register the trained model in MLflow with the evaluation's metric; maybe move ``champion``."""
+
+    kind: Literal["register"]
+    inputs: dict[str, str] = field(default_factory=dict)  # model: a train stage; report: an evaluate stage
+    name: str = ""  # registered model name (required)
     task: str = ""  # "" = the evaluation report's task
     promote: bool = True  # move the `champion` alias when the new version beats it
 
-    @property
-    def data_split(self) -> str:
-        return self.split or _DEFAULT_SPLIT.get(self.kind, "")
+
+AnyStage = Union[ShardStage, TrainStage, EvaluateStage, RegisterStage]
+# A stage in the pipeline file: its `kind` picks the class, so a key of another kind is named as such.
+StageConfig = Annotated[AnyStage, Tagged("kind", "stages")]
+RunStage = Union[ShardStage, TrainStage]  # the kinds with a run config file
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     name: str
     run_root: str  # every stage writes under <run_root>/stages/<stage>/<key12>/
-    stages: dict[str, StageConfig]
+    stages: dict[str, StageConfig]  # name -> stage; file order
     tracking_uri: str = ""  # "" = sqlite:///<abs run_root>/mlflow.db (local run_root only)
     experiment: str = ""  # MLflow experiment; "" = name
     ray: RayConfig = field(default_factory=RayConfig)
@@ -301,11 +331,12 @@ class StageGraph:
 @dataclass(frozen=True)
 class LoadedStage:
     name: str
-    cfg: StageConfig
+    cfg: AnyStage
     config_path: str  # the run config file resolved against the pipeline file's folder; "" = none
-    # Shard/train: the run config as loaded for validation and keys, with wiring placeholders
-    # (OUTPUT_PLACEHOLDER, input_placeholder(role)) in the keys the pipeline owns.
-    run_config: Any = None
+    # Shard/train: the run config, loaded once for validation and keys, with wiring placeholders
+    # (OUTPUT_PLACEHOLDER, input_placeholder(role)) in the keys the pipeline owns; the executor sets
+    # the real locations with dataclasses.replace (orchestration/plan.py).
+    run_config: ShardJobConfig | TrainConfig | None = None
 
     @property
     def kind(self) -> str:
@@ -330,7 +361,9 @@ class Pipeline:
         return self.cfg.run_root
 
     def scaling(self, stage: str) -> ScalingConfig:
-        return self.stages[stage].cfg.scaling or self.cfg.scaling
+        cfg = self.stages[stage].cfg
+        own = cfg.scaling if isinstance(cfg, (TrainStage, EvaluateStage)) else None
+        return own or self.cfg.scaling
 
 
 def _stage_error(name: str, message: str) -> ConfigError:
@@ -338,32 +371,20 @@ def _stage_error(name: str, message: str) -> ConfigError:
     return ConfigError(f"stage '{name}': {message}")
 
 
-def _check_fields(name: str, stage: StageConfig) -> None:
-    allowed = set(_COMMON_FIELDS) | set(_KIND_FIELDS[stage.kind])
-    defaults = StageConfig(kind=stage.kind)
-    for f in dataclasses.fields(StageConfig):
-        if f.name not in allowed and getattr(stage, f.name) != getattr(defaults, f.name):
-            kinds = [k for k, names in _KIND_FIELDS.items() if f.name in names]
-            raise _stage_error(name, f"key 'stages.{name}.{f.name}' applies to {'/'.join(kinds)} stages, "
-                                     f"not to {stage.kind} stages")
-    if stage.kind in ("evaluate", "register"):
-        for key in ("config", "overrides"):
-            if getattr(stage, key):
-                raise _stage_error(name, f"key 'stages.{name}.{key}' is not used by {stage.kind} stages "
-                                         f"(their settings are the fields {', '.join(_KIND_FIELDS[stage.kind])})")
-    elif not stage.config:
+def _check_fields(name: str, stage: AnyStage) -> None:
+    """What the schema cannot say: required strings, distinct splits. (A key of another kind is refused
+    by the schema's tagged union, naming the kinds it applies to.)"""
+    if isinstance(stage, (ShardStage, TrainStage)) and not stage.config:
         raise _stage_error(name, f"missing key 'stages.{name}.config': {stage.kind} stages need a run config file")
-    if stage.kind == "shard" and (not stage.splits or len(set(stage.splits)) != len(stage.splits)
-                                  or not all(stage.splits)):
+    if isinstance(stage, ShardStage) and (not stage.splits or len(set(stage.splits)) != len(stage.splits)
+                                          or not all(stage.splits)):
         raise _stage_error(name, f"key 'stages.{name}.splits' must list distinct split names; "
                                  f"got {list(stage.splits)}")
-    if stage.kind == "evaluate" and (stage.batch_size < 1 or stage.limit < 0):
-        raise _stage_error(name, f"need batch_size >= 1 and limit >= 0, got {stage.batch_size}, {stage.limit}")
-    if stage.kind == "register" and not stage.name:
+    if isinstance(stage, RegisterStage) and not stage.name:
         raise _stage_error(name, f"missing key 'stages.{name}.name': the registered model name")
 
 
-def _check_inputs(name: str, stage: StageConfig, stages: Mapping[str, StageConfig]) -> None:
+def _check_inputs(name: str, stage: AnyStage, stages: Mapping[str, AnyStage]) -> None:
     roles = ROLES[stage.kind]
     for role, upstream in stage.inputs.items():
         key = f"stages.{name}.inputs.{role}"
@@ -384,38 +405,43 @@ def _check_inputs(name: str, stage: StageConfig, stages: Mapping[str, StageConfi
             raise _stage_error(name, f"missing key 'stages.{name}.inputs.{role}' (a {want} stage)")
 
 
-def _check_wiring(name: str, stage: StageConfig, stages: Mapping[str, StageConfig]) -> None:
-    """Splits read from shard stages exist; a register's report evaluates the model it registers."""
-    data = stage.inputs.get("data")
-    if data is not None and stage.data_split not in stages[data].splits:
-        raise _stage_error(name, f"key 'stages.{name}.split': '{stage.data_split}' is not among the splits "
-                                 f"{list(stages[data].splits)} of its data input '{data}'")
-    if stage.kind == "register":
+def _check_wiring(name: str, stage: AnyStage, stages: Mapping[str, AnyStage]) -> None:
+    """Splits read from shard stages exist; a register's report evaluates the model it registers.
+    (Inputs are checked first: each names a stage of the kind its role wants.)"""
+    if isinstance(stage, (TrainStage, EvaluateStage)):
+        data = stage.inputs["data"]
+        produced = stages[data]
+        assert isinstance(produced, ShardStage)
+        if stage.split not in produced.splits:
+            raise _stage_error(name, f"key 'stages.{name}.split': '{stage.split}' is not among the splits "
+                                     f"{list(produced.splits)} of its data input '{data}'")
+    if isinstance(stage, RegisterStage):
         evaluated = stages[stage.inputs["report"]].inputs["model"]
         if evaluated != stage.inputs["model"]:
             raise _stage_error(name, f"key 'stages.{name}.inputs.report': '{stage.inputs['report']}' evaluates "
                                      f"'{evaluated}', not the registered model '{stage.inputs['model']}'")
 
 
-def _owned_keys(stage: StageConfig) -> dict[str, str]:
+def _owned_keys(stage: AnyStage) -> dict[str, str]:
     """Wiring keys the pipeline sets in the run config -> their placeholder values."""
-    if stage.kind == "shard":
+    if isinstance(stage, ShardStage):
         return {"output": OUTPUT_PLACEHOLDER}
-    if stage.kind == "train":
+    if isinstance(stage, TrainStage):
         owned = {"run_dir": OUTPUT_PLACEHOLDER,
-                 "data.manifest": f"{input_placeholder('data')}/{stage.data_split}/manifest.json"}
+                 "data.manifest": f"{input_placeholder('data')}/{stage.split}/manifest.json"}
         if "init" in stage.inputs:
             owned["init_from"] = f"{input_placeholder('init')}/model"
         return owned
     return {}
 
 
-def wiring_overrides(values: Mapping[str, str]) -> list[str]:
-    """``key=value`` overrides for wiring keys, values quoted so any path or URI survives YAML."""
+def _placeholder_overrides(values: Mapping[str, str]) -> list[str]:
+    """``key=value`` overrides for the placeholders, values quoted so that YAML reads them as strings."""
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
-def _load_run_config(name: str, stage: StageConfig, path: str, owned: Mapping[str, str]) -> Any:
+def _load_run_config(name: str, stage: RunStage, path: str) -> ShardJobConfig | TrainConfig:
+    """The stage's run config: its file, the stage's overrides, the wiring placeholders on top."""
     if not os.path.isfile(path):
         raise _stage_error(name, f"key 'stages.{name}.config': run config file {stage.config} not found "
                                  f"(looked for {path})")
@@ -423,7 +449,8 @@ def _load_run_config(name: str, stage: StageConfig, path: str, owned: Mapping[st
         user_keys = [key for key, _ in parse_overrides(list(stage.overrides))]
     except ConfigError as exc:
         raise _stage_error(name, f"key 'stages.{name}.overrides': {exc}") from exc
-    pinned = set(owned) | ({"source.split"} if stage.kind == "shard" else set())
+    owned = _owned_keys(stage)
+    pinned = set(owned) | ({"source.split"} if isinstance(stage, ShardStage) else set())
     origin = {"output": "its output folder", "run_dir": "its output folder", "source.split": f"stages.{name}.splits",
               "data.manifest": f"stages.{name}.inputs.data", "init_from": f"stages.{name}.inputs.init"}
     for key in user_keys:
@@ -431,14 +458,14 @@ def _load_run_config(name: str, stage: StageConfig, path: str, owned: Mapping[st
         if clash is not None:
             raise _stage_error(name, f"key 'stages.{name}.overrides' sets '{key}', which the pipeline wires "
                                      f"({clash} comes from {origin[clash]})")
-    overrides = list(stage.overrides) + wiring_overrides(owned)
+    overrides = list(stage.overrides) + _placeholder_overrides(owned)
     try:
-        if stage.kind == "shard":
+        if isinstance(stage, ShardStage):
             return load_config(ShardJobConfig, path, overrides)
-        # imports torch: only when a train stage exists
-        from pipeline.train_config import load_train_config
+        # the train config embeds the model config: torch and the model code, only when a train stage exists
+        from pipeline.train_config import TrainConfig
 
-        return load_train_config(path, overrides)
+        return load_config(TrainConfig, path, overrides)
     except ConfigError as exc:
         message = str(exc).removeprefix("config error: ").replace(OVERRIDE_SOURCE, f"stages.{name}.overrides")
         raise _stage_error(name, f"run config {stage.config}: {message}") from exc
@@ -463,14 +490,16 @@ def load_pipeline(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
     loaded: dict[str, LoadedStage] = {}
     for name in graph.order:
         stage = cfg.stages[name]
-        config_path = os.path.normpath(os.path.join(here, os.path.expanduser(stage.config))) if stage.config else ""
-        run_config = _load_run_config(name, stage, config_path, _owned_keys(stage)) if config_path else None
-        loaded[name] = LoadedStage(name, stage, config_path, run_config)
+        if isinstance(stage, (ShardStage, TrainStage)):
+            config_path = os.path.normpath(os.path.join(here, os.path.expanduser(stage.config)))
+            loaded[name] = LoadedStage(name, stage, config_path, _load_run_config(name, stage, config_path))
+        else:
+            loaded[name] = LoadedStage(name, stage, "")
     return Pipeline(cfg, path, loaded, graph)
 
 
 def owned_keys(stage: LoadedStage) -> dict[str, str]:
-    """The wiring keys of ``stage``'s run config and their placeholders (see :func:`wiring_overrides`)."""
+    """The wiring keys of ``stage``'s run config and their placeholders."""
     return _owned_keys(stage.cfg)
 
 

@@ -9,7 +9,8 @@
 * shard: the loaded ``ShardJobConfig`` (file + overrides) without ``output``, ``source.split``,
   ``executor``, ``storage``, ``progress`` (where and how it runs, not what it makes), plus ``splits``;
   ``source`` is the raw-data fingerprint below.
-* train: the fully loaded ``TrainConfig`` (``config_to_dict``) without ``storage``, whose wiring keys
+* train: the fully loaded ``TrainConfig`` (``config_to_dict``) without ``storage`` and ``faults``
+  (test-only fault injection: a crashed and resumed run makes the same model), whose wiring keys
   hold placeholders, not paths: ``run_dir`` = ``<output>``, ``data.manifest`` =
   ``<inputs.data>/<split>/manifest.json``, ``init_from`` = ``<inputs.init>/model``; the upstream keys sit
   in ``inputs``. Moving ``run_root`` (or renaming an upstream stage) therefore keeps every key. Plus the
@@ -69,7 +70,6 @@ when its output has a marker with its full key.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -77,18 +77,23 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from data_prep.shard_config import ShardJobConfig
+from core.config import ConfigError, config_to_dict, with_values
 from core.storage import Storage, StorageError, join
+from data_prep.shard_config import ShardJobConfig
 from orchestration.pipeline_config import (
+    EvaluateStage,
     LoadedStage,
     Pipeline,
+    ShardStage,
+    TrainStage,
     owned_keys,
     stage_names,
-    wiring_overrides,
 )
-from core.config import ConfigError, config_to_dict, load_config
+
+if TYPE_CHECKING:  # annotations only: importing it at run time pulls in torch
+    from pipeline.train_config import TrainConfig
 
 __all__ = [
     "CODE_DIRS",
@@ -98,7 +103,6 @@ __all__ = [
     "bundle_uri",
     "clear_success",
     "code_version",
-    "eval_settings",
     "format_plan",
     "git_revision",
     "input_bundle",
@@ -250,16 +254,15 @@ def _without(data: dict[str, Any], *dotted: str) -> dict[str, Any]:
 
 def _config_material(pipeline: Pipeline, stage: LoadedStage) -> dict[str, Any]:
     c = stage.cfg
-    if c.kind == "shard":
+    if isinstance(c, ShardStage):
         data = _without(config_to_dict(stage.run_config), "output", "source.split", "executor", "storage", "progress")
         return {**data, "splits": list(c.splits)}
-    if c.kind == "train":
+    if isinstance(c, TrainStage):
         scaling = pipeline.scaling(stage.name)
-        return {**_without(config_to_dict(stage.run_config), "storage"),
+        return {**_without(config_to_dict(stage.run_config), "storage", "faults"),
                 "scaling": {"workers": scaling.workers, "use_gpu": scaling.use_gpu}}
-    if c.kind == "evaluate":
-        return {"split": c.data_split, "batch_size": c.batch_size, "min_size": c.min_size,
-                "max_size": c.max_size, "limit": c.limit}
+    if isinstance(c, EvaluateStage):
+        return {"split": c.split, **config_to_dict(c.settings)}  # batch_size, min_size, max_size, limit
     return {"name": c.name, "task": c.task, "promote": c.promote, "tracking_uri": pipeline.cfg.tracking_uri}
 
 
@@ -382,11 +385,9 @@ def _describe_changes(old: Mapping[str, Any], new: Mapping[str, Any], inputs: Ma
     return "new key: " + ", ".join(shown[:4]) + more + " changed"
 
 
-def make_plan(pipeline: Pipeline, storage: Storage | None = None, force: Iterable[str] = (),
-              code: str | None = None) -> Plan:
+def make_plan(pipeline: Pipeline, storage: Storage, force: Iterable[str] = (), code: str | None = None) -> Plan:
     """Key every stage (topological order), look up markers, decide run/skip. ``force``: stage names
     to rerun with all their descendants. ``code``: the code version (default :func:`code_version`)."""
-    storage = storage or Storage(pipeline.cfg.storage)
     forced = stage_names(pipeline, force)
     code = code or code_version()
     graph = pipeline.graph
@@ -402,8 +403,8 @@ def make_plan(pipeline: Pipeline, storage: Storage | None = None, force: Iterabl
                                     "inputs": {role: planned[up].key for role, up in sorted(stage.inputs.items())},
                                     "config": _config_material(pipeline, stage)}
         notes: list[str] = []
-        if stage.kind == "shard":
-            material["source"], notes = source_fingerprint(stage.run_config, stage.cfg.splits, storage)
+        if isinstance(stage.cfg, ShardStage):
+            material["source"], notes = source_fingerprint(_shard_config(stage), stage.cfg.splits, storage)
         key = stage_key(material)
         output = stage_output(pipeline.run_root, name, key)
         marker = None
@@ -464,8 +465,13 @@ def _input(plan: Plan, stage: str, role: str) -> PlannedStage:
 
 
 def input_manifest(plan: Plan, stage: str, split: str | None = None, role: str = "data") -> str:
-    """manifest.json of ``stage``'s data input, for ``split`` (default: the stage's split)."""
-    split = split or plan.pipeline.stages[stage].cfg.data_split
+    """manifest.json of ``stage``'s data input, for ``split`` (default: the split a train or evaluate
+    stage reads)."""
+    if split is None:
+        cfg = plan.pipeline.stages[stage].cfg
+        if not isinstance(cfg, (TrainStage, EvaluateStage)):
+            raise ConfigError(f"stage '{stage}' reads no split of a data input")
+        split = cfg.split
     return shard_manifest(_input(plan, stage, role).output, split)
 
 
@@ -494,25 +500,24 @@ def _real_wiring(plan: Plan, stage: str) -> dict[str, str]:
     return values
 
 
-def train_config(plan: Plan, stage: str) -> Any:
-    """The stage's ``TrainConfig`` with real locations: run_dir = its output, data.manifest and
-    init_from from its inputs (storage / resume / scaling are left to the executor)."""
-    from pipeline.train_config import load_train_config
+def _shard_config(stage: LoadedStage) -> ShardJobConfig:
+    assert isinstance(stage.run_config, ShardJobConfig), stage.name
+    return stage.run_config
 
-    loaded = plan.pipeline.stages[stage]
-    return load_train_config(loaded.config_path, list(loaded.cfg.overrides) + wiring_overrides(_real_wiring(plan, stage)))
+
+def train_config(plan: Plan, stage: str) -> TrainConfig:
+    """The ``TrainConfig`` the pipeline loaded (and keyed) for the stage, with its real locations:
+    run_dir = its output, data.manifest and init_from from its inputs (set by ``dataclasses.replace``:
+    nothing is parsed again). Storage, resume and scaling are left to the executor."""
+    cfg = plan.pipeline.stages[stage].run_config
+    assert cfg is not None and not isinstance(cfg, ShardJobConfig), stage
+    return with_values(cfg, _real_wiring(plan, stage))
 
 
 def shard_configs(plan: Plan, stage: str) -> list[ShardJobConfig]:
-    """One ``ShardJobConfig`` per split, each writing ``<output>/<split>/`` (as ``maskdino shard --splits``)."""
+    """One ``ShardJobConfig`` per split, each writing ``<output>/<split>/`` (as ``maskdino shard --splits``):
+    the config the pipeline loaded (and keyed) for the stage, with its real locations."""
     loaded = plan.pipeline.stages[stage]
-    cfg = load_config(ShardJobConfig, loaded.config_path,
-                      list(loaded.cfg.overrides) + wiring_overrides(_real_wiring(plan, stage)))
-    return [dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, split=s), output=join(cfg.output, s))
-            for s in loaded.cfg.splits]
-
-
-def eval_settings(plan: Plan, stage: str) -> dict[str, int]:
-    """Keyword arguments for ``pipeline.evaluate.EvalSettings`` (add ``device``)."""
-    c = plan.pipeline.stages[stage].cfg
-    return {"batch_size": c.batch_size, "min_size": c.min_size, "max_size": c.max_size, "limit": c.limit}
+    assert isinstance(loaded.cfg, ShardStage)
+    cfg = with_values(_shard_config(loaded), _real_wiring(plan, stage))
+    return [with_values(cfg, {"source.split": s, "output": join(cfg.output, s)}) for s in loaded.cfg.splits]

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import hashlib
+import io
+import itertools
 import json
 import os
 import shutil
@@ -28,11 +31,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
 from typing_extensions import Self
 
+from core.config import ConfigError, config_to_dict
 from core.storage import Storage, is_s3, join
 from orchestration import plan as planning
-from orchestration.pipeline_config import Pipeline, load_pipeline, stage_names
+from orchestration.pipeline_config import EvaluateStage, Pipeline, RegisterStage, load_pipeline, stage_names
+from pipeline.eval_data import iter_eval_samples
 from pipeline.mlflow_tracking import (
     MlflowLogger,
     default_tracking_uri,
@@ -98,8 +104,6 @@ def _tracking_uri(pipeline: Pipeline) -> str:
     if pipeline.cfg.tracking_uri:
         return pipeline.cfg.tracking_uri
     if is_s3(pipeline.cfg.run_root):
-        from core.config import ConfigError
-
         raise ConfigError("tracking_uri: an s3:// run_root needs an MLflow server (tracking_uri: http://HOST:5000)")
     os.makedirs(pipeline.cfg.run_root, exist_ok=True)
     return default_tracking_uri(pipeline.cfg.run_root)
@@ -115,7 +119,7 @@ class _ray:
         self.started = False
 
     def __enter__(self) -> Self:
-        import ray
+        import ray  # heavy: only when stages run, never for --dry-run
 
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"runtime_env": self.cfg.runtime_env or None}
@@ -131,7 +135,7 @@ class _ray:
 
     def __exit__(self, *exc: object) -> None:
         if self.started:
-            import ray
+            import ray  # heavy: only when stages run, never for --dry-run
 
             ray.shutdown()
 
@@ -144,7 +148,7 @@ class _Scheduler:
         self.plan, self.storage, self.outcome, self.experiment = plan, storage, outcome, experiment
 
     def _cpus(self) -> float:
-        import ray
+        import ray  # heavy: only when stages run, never for --dry-run
 
         return float(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1.0
 
@@ -237,7 +241,7 @@ def _clear(storage: Storage, uri: str) -> None:
 
 
 def _run_shard(s: _Scheduler, name: str, run_id: str) -> dict[str, Any]:
-    from data_prep.shard import shard_dataset
+    from data_prep.shard import shard_dataset  # pulls in ray (the shard fan-out): only when a shard stage runs
 
     configs = planning.shard_configs(s.plan, name)
     counts = {}
@@ -258,24 +262,19 @@ def _manifest_samples(storage: Storage, uri: str) -> int:
 
 
 def _run_train(s: _Scheduler, name: str, run_id: str) -> dict[str, Any]:
-    from orchestration.ray_train import run_training
+    # ray, torch and the trainer: only once a train stage runs
+    from orchestration.ray_train import TrainJob, run_training
 
-    cfg = planning.train_config(s.plan, name)
-    outcome = run_training(cfg, _scaling(s, name), s.plan.pipeline.cfg.failure.max_failures, _ray_storage_path(s),
-                           name, tracking_uri=s.outcome.tracking_uri, mlflow_run_id=run_id)
+    job = TrainJob(planning.train_config(s.plan, name), s.outcome.tracking_uri, run_id)
+    cfg = job.config
+    outcome = run_training(job, s.plan.pipeline.scaling(name), s.plan.pipeline.cfg.failure.max_failures,
+                           _ray_storage_path(s), name)
     with s.logger(run_id) as log:
         log.log_artifact("config.yaml", s.storage.read_bytes(join(cfg.run_dir, "config.yaml")))
         curve = loss_curve_png(s.storage, cfg.run_dir)
         if curve is not None:
             log.log_artifact("loss_curve.png", curve)
     return {"steps": outcome.steps, "bundle": outcome.bundle}
-
-
-def _scaling(s: _Scheduler, name: str) -> Any:
-    from orchestration.ray_train import Scaling
-
-    c = s.plan.pipeline.scaling(name)
-    return Scaling(c.workers, c.use_gpu, c.cpus_per_worker)
 
 
 def _ray_storage_path(s: _Scheduler) -> str:
@@ -287,12 +286,10 @@ def _ray_storage_path(s: _Scheduler) -> str:
 
 def loss_curve_png(storage: Storage, run_dir: str) -> bytes | None:
     """loss/total per step (the last record of a replayed step wins) as a PNG."""
-    import io
-
-    import matplotlib
+    import matplotlib  # heavy: only when a train stage has finished
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy, as above
 
     uri = join(run_dir, "metrics.jsonl")
     if not storage.exists(uri):
@@ -315,43 +312,40 @@ def loss_curve_png(storage: Storage, run_dir: str) -> bytes | None:
 
 
 def _run_evaluate(s: _Scheduler, name: str, run_id: str) -> dict[str, Any]:
+    # ray, torch and the evaluators: only once an evaluate stage runs
     from orchestration.ray_train import UNTRAINED_DIR, EvalJob, run_evaluation
-    from pipeline.evaluate import format_metric
+    from pipeline.evaluate import format_metric  # the model code and pycocotools, as above
 
     stage = s.plan.stages[name]
-    job = EvalJob(bundle=planning.input_bundle(s.plan, name),
-                  manifest=planning.input_manifest(s.plan, name, s.plan.pipeline.stages[name].cfg.split or "val"),
-                  output=stage.output, settings=planning.eval_settings(s.plan, name),
-                  storage=s.plan.pipeline.cfg.storage)
-    trained, untrained = run_evaluation(job, _scaling(s, name), s.plan.pipeline.cfg.failure.max_failures,
+    cfg = s.plan.pipeline.stages[name].cfg
+    assert isinstance(cfg, EvaluateStage)
+    job = EvalJob(bundle=planning.input_bundle(s.plan, name), manifest=planning.input_manifest(s.plan, name),
+                  output=stage.output, settings=cfg.settings, storage=s.plan.pipeline.cfg.storage)
+    trained, untrained = run_evaluation(job, s.plan.pipeline.scaling(name), s.plan.pipeline.cfg.failure.max_failures,
                                         _ray_storage_path(s), name)
-    metric_name, value = trained["primary_metric"]["name"], trained["primary_metric"]["value"]
-    untrained_value = untrained["primary_metric"]["value"]
+    metric_name, value = trained.primary()
+    _, untrained_value = untrained.primary()
     pictures = _pictures(s, name, job.bundle, job.manifest)
     with s.logger(run_id) as log:
-        log.log_params({"manifest": job.manifest, "model": job.bundle, "world_size": trained["world_size"],
-                        **job.settings})
+        log.log_params({"manifest": job.manifest, "model": job.bundle, "world_size": trained.world_size,
+                        **config_to_dict(job.settings)})
         log.log_metrics({metric_name: value or 0.0, f"untrained/{metric_name}": untrained_value or 0.0}, 0)
         for part in ("report.json", "per_class.md"):
             log.log_artifact(part, s.storage.read_bytes(join(stage.output, part)))
             log.log_artifact(f"{UNTRAINED_DIR}/{part}", s.storage.read_bytes(join(stage.output, UNTRAINED_DIR, part)))
         for uri in pictures:
             log.log_artifact(f"pictures/{uri.rsplit('/', 1)[-1]}", s.storage.read_bytes(uri))
-    print(f"[{name}] {metric_name} {format_metric(metric_name, value)} on {trained['num_images']} images "
-          f"({trained['world_size']} rank(s)); untrained model: {format_metric(metric_name, untrained_value)}", flush=True)
+    print(f"[{name}] {metric_name} {format_metric(metric_name, value)} on {trained.num_images} images "
+          f"({trained.world_size} rank(s)); untrained model: {format_metric(metric_name, untrained_value)}", flush=True)
     return {"metric_name": metric_name, "metric": value, "untrained_metric": untrained_value,
-            "task": trained["task"], "pictures": pictures}
+            "task": trained.task, "pictures": pictures}
 
 
 def _pictures(s: _Scheduler, name: str, bundle: str, manifest: str, count: int = 2) -> list[str]:
     """Predictions drawn on the first `count` evaluation images."""
-    import itertools
-
-    from PIL import Image
-
-    from pipeline.eval_data import iter_eval_samples
+    # the model code (torch, scipy): only once an evaluate stage runs
     from pipeline.model_bundle import open_bundle
-    from pipeline.predict import PredictSettings, predict_images
+    from pipeline.predict import PredictSettings, predict_images  # the model code, as above
 
     out = s.plan.stages[name].output
     inputs = tempfile.mkdtemp(prefix="maskdino-pictures-")
@@ -369,14 +363,16 @@ def _pictures(s: _Scheduler, name: str, bundle: str, manifest: str, count: int =
 
 
 def _run_register(s: _Scheduler, name: str, run_id: str) -> dict[str, Any]:
-    from pipeline.registry import promote_if_better, register_bundle
+    from pipeline.evaluate import read_report  # the model code and pycocotools: only when a register stage runs
+    from pipeline.registry import promote_if_better, register_bundle  # mlflow's registry, as above
 
     stage = s.plan.pipeline.stages[name].cfg
-    report = json.loads(s.storage.read_bytes(planning.input_report(s.plan, name)))
+    assert isinstance(stage, RegisterStage)
+    report = read_report(s.storage, planning.input_report(s.plan, name))
     bundle = planning.input_bundle(s.plan, name)
-    metric_name, value = report["primary_metric"]["name"], report["primary_metric"]["value"]
+    metric_name, value = report.primary()
     lineage = _lineage(s, name)
-    version = register_bundle(s.outcome.tracking_uri, run_id, bundle, stage.name, stage.task or report["task"],
+    version = register_bundle(s.outcome.tracking_uri, run_id, bundle, stage.name, stage.task or report.task,
                               metric_name, float(value), lineage, s.storage)
     promotion = promote_if_better(s.outcome.tracking_uri, stage.name, version) if stage.promote else None
     print(f"[{name}] registered {stage.name} version {version} ({metric_name} {value}); "
@@ -387,8 +383,6 @@ def _run_register(s: _Scheduler, name: str, run_id: str) -> dict[str, Any]:
 
 def _lineage(s: _Scheduler, name: str) -> dict[str, str]:
     """Where the registered model comes from: the training stage, its init (pretrain), the manifests."""
-    import hashlib
-
     lineage = {"code_version": s.plan.code_version}
     model_stage = s.plan.stages[name].inputs["model"]
     lineage["train_stage"] = f"{model_stage}:{s.plan.stages[model_stage].key[:12]}"
@@ -408,7 +402,7 @@ RUNNERS = {"shard": _run_shard, "train": _run_train, "evaluate": _run_evaluate, 
 
 
 def summary(outcome: PipelineOutcome) -> str:
-    from pipeline.evaluate import format_metric
+    from pipeline.evaluate import format_metric  # the model code and pycocotools: not for --dry-run
 
     lines = [(f"pipeline {outcome.plan.pipeline.cfg.name}: "
              f"{sum(s.status == 'ran' for s in outcome.stages.values())} stages ran, "

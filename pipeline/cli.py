@@ -305,8 +305,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     bundle = _bundle(args, storage)
     init_from_env()  # under torchrun / the deepspeed launcher: one rank per process
     settings = EvalSettings(batch_size=args.batch_size, min_size=args.min_size, max_size=args.max_size,
-                            limit=args.limit, device=args.device)
-    out = evaluate(bundle, args.manifest, storage, settings)
+                            limit=args.limit)
+    out = evaluate(bundle, args.manifest, storage, settings, device=args.device)
     if out is None:  # not rank 0
         return 0
     report, task_report = out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from model.structures import ImageResult
 from pipeline.distributed import gather_to_rank0, rank_and_world
 from core.shard_sample import ShardSample
 from pipeline.eval_data import iter_eval_samples, num_batches
+from pipeline.eval_settings import EvalSettings
 from pipeline.evaluators import EvalInputError, Evaluator, TaskReport, make_evaluator
 from pipeline.model_bundle import ModelBundle, build_bundle_model
 from pipeline.transforms import image_tensor, resize_for_test
@@ -35,16 +36,6 @@ PRIMARY_METRIC = {"instance": (("segm", "AP"), "mask AP"), "detection": (("bbox"
                   "panoptic": (("panoptic", "All", "pq"), "PQ"), "semantic": (("semantic", "mIoU"), "mIoU")}
 
 Predictor = Callable[[list[np.ndarray]], list[ImageResult]]
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    batch_size: int = 1
-    min_size: int = -1  # test-time short side; -1 = the dataset's official value, 0 = no resize
-    max_size: int = -1
-    limit: int = 0  # evaluate only the first N samples of the manifest (0 = all)
-    device: str = "cpu"
-    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,9 +126,10 @@ def _check_fits(bundle: ModelBundle, manifest: Manifest) -> None:
 
 
 def evaluate_predictor(predict: Predictor, manifest_uri: str, storage: Storage, settings: EvalSettings,
-                       model_name: str = "", manifest: Manifest | None = None
+                       model_name: str = "", manifest: Manifest | None = None, progress: bool = True
                        ) -> tuple[EvalReport, TaskReport] | None:
-    """Evaluate any predictor on this rank's share; the report on rank 0, None on the others."""
+    """Evaluate any predictor on this rank's share; the report on rank 0, None on the others.
+    progress: a bar on rank 0's terminal."""
     rank, world = rank_and_world()
     manifest = manifest or load_manifest(storage, manifest_uri)
     evaluator = make_evaluator(manifest)
@@ -145,7 +137,7 @@ def evaluate_predictor(predict: Predictor, manifest_uri: str, storage: Storage, 
     started = time.perf_counter()
     samples = iter_eval_samples(storage, manifest_uri, rank, world, settings.limit, manifest)
     with tqdm(total=total, unit="images", desc=f"evaluate {manifest.dataset}/{manifest.split}",
-              disable=None if settings.progress and rank == 0 else True) as bar:
+              disable=None if progress and rank == 0 else True) as bar:
         batches = run_evaluation(samples, predict, evaluator, settings.batch_size, bar)
     expected = num_batches(total, world, settings.batch_size)
     if batches != expected:  # a rank that ran a different count would hang the collectives
@@ -160,15 +152,15 @@ def evaluate_predictor(predict: Predictor, manifest_uri: str, storage: Storage, 
     return report, task_report
 
 
-def evaluate(bundle: ModelBundle, manifest_uri: str, storage: Storage, settings: EvalSettings
-             ) -> tuple[EvalReport, TaskReport] | None:
-    """Build the bundle's model and evaluate it on the manifest."""
+def evaluate(bundle: ModelBundle, manifest_uri: str, storage: Storage, settings: EvalSettings,
+             device: str = "cpu", progress: bool = True) -> tuple[EvalReport, TaskReport] | None:
+    """Build the bundle's model on ``device`` and evaluate it on the manifest."""
     manifest = load_manifest(storage, manifest_uri)
     _check_fits(bundle, manifest)
-    model = build_bundle_model(bundle, storage, settings.device)
+    model = build_bundle_model(bundle, storage, device)
     min_size, max_size = _test_resize(manifest, settings)
     return evaluate_predictor(model_predictor(model, min_size, max_size), manifest_uri, storage, settings,
-                              bundle.source, manifest)
+                              bundle.source, manifest, progress)
 
 
 def write_report(storage: Storage, output: str, report: EvalReport, task_report: TaskReport) -> list[str]:
@@ -183,3 +175,9 @@ def write_report(storage: Storage, output: str, report: EvalReport, task_report:
         storage.write_bytes(uri, data)
         written.append(uri)
     return written
+
+
+def read_report(storage: Storage, uri: str) -> EvalReport:
+    """The :class:`EvalReport` in a report.json that :func:`write_report` wrote."""
+    data = json.loads(storage.read_bytes(uri))
+    return EvalReport(**{f.name: data[f.name] for f in fields(EvalReport)})

@@ -17,17 +17,20 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from core.config import InvalidValue
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
     nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm)
 NO_DECAY_PARAM_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 ZERO_STAGES = (0, 1, 2, 3)
-PRECISIONS = ("fp32", "bf16")
+Precision = Literal["fp32", "bf16"]
+WarmupMethod = Literal["linear", "constant"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class ScheduleConfig:
     gamma: float = 0.1
     warmup_steps: int = 10
     warmup_factor: float = 1.0  # official: 1.0, i.e. no warmup in effect
-    warmup_method: str = "linear"  # linear | constant
+    warmup_method: WarmupMethod = "linear"
 
 
 @dataclass(frozen=True)
@@ -60,15 +63,17 @@ class EngineConfig:
     # fp32, or bf16: the official AMP recipe with bfloat16 (no loss scaling needed): the forward runs
     # under torch.autocast while weights, gradients and optimizer state stay fp32; the pixel-decoder
     # encoder, decoder layers and matcher turn autocast off themselves, as the official code does.
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     micro_batch_size: int = 2  # per rank
     grad_accumulation: int = 1
 
     def __post_init__(self) -> None:
         if self.zero_stage not in ZERO_STAGES:
-            raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise InvalidValue("zero_stage", self.zero_stage, f"one of {ZERO_STAGES}")
+        if self.micro_batch_size < 1:
+            raise InvalidValue("micro_batch_size", self.micro_batch_size, ">= 1 (samples per rank and micro-batch)")
+        if self.grad_accumulation < 1:
+            raise InvalidValue("grad_accumulation", self.grad_accumulation, ">= 1 (micro-batches per step)")
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,7 @@ def build_engine(model: nn.Module, optim: OptimConfig, schedule: ScheduleConfig,
                  world_size: int, load_universal: bool = False):
     """(DeepSpeed engine, its optimizer, its LR scheduler). The process group must exist already.
     load_universal: the checkpoint to be loaded is a universal one (written at another world size)."""
+    # deepspeed takes seconds to import: loading a train config (which imports this module) must not
     import deepspeed
 
     optimizer = build_optimizer(model, optim)

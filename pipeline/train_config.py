@@ -12,9 +12,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from core.config import InvalidValue, load_config
 from core.storage import StorageConfig
 from model.config import ModelConfig
-from core.config import ConfigError, load_config
 from pipeline.loader import LoaderConfig
 from pipeline.parallelize import EngineConfig, OptimConfig, ScheduleConfig
 from pipeline.transforms import AugConfig
@@ -34,6 +34,15 @@ class DataConfig:
     prefetch_factor: int = 2
     retry_backoff_s: float = 1.0
     aug: AugConfig = field(default_factory=AugConfig)
+
+    def __post_init__(self) -> None:
+        # pipeline/loader.py LoaderConfig checks these too; here the error names the key in the run config.
+        for name in ("num_workers", "max_shard_retries", "retry_backoff_s"):
+            if getattr(self, name) < 0:
+                raise InvalidValue(name, getattr(self, name), ">= 0")
+        for name in ("shuffle_buffer", "prefetch_factor"):
+            if getattr(self, name) < 1:
+                raise InvalidValue(name, getattr(self, name), ">= 1")
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,20 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """Fault injection, for tests and fault drills only: real runs leave it at the defaults. Not part of
+    a pipeline stage's key (orchestration/plan.py): a run that crashed and resumed makes the same model."""
+
+    # Exit hard right after this step (os._exit: no clean-up, no flush, like a killed node), in a run
+    # that did not resume, so that the restarted run (Ray Train, a test) goes on. 0 = never.
+    crash_after_step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.crash_after_step < 0:
+            raise InvalidValue("crash_after_step", self.crash_after_step, ">= 0 (0 = never)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     run_dir: str  # local folder or s3:// prefix: checkpoints/, metrics.jsonl, params.json, model/
     data: DataConfig
@@ -74,6 +97,7 @@ class TrainConfig:
     resume: str = "auto"
     seed: int = 0
     export: bool = True  # write the fp32 model bundle to run_dir/model at the end
+    faults: FaultConfig = field(default_factory=FaultConfig)  # tests and fault drills only
 
     def __post_init__(self) -> None:
         if not self.run_dir:
@@ -99,10 +123,6 @@ class TrainConfig:
 
 
 def load_train_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> TrainConfig:
-    """The run config from YAML + ``key=value`` overrides; ConfigError (one line) on any problem."""
-    cfg = load_config(TrainConfig, path, list(overrides))
-    try:
-        cfg.loader_config()  # its own checks (batch size, workers, ...) with the merged values
-    except ValueError as exc:
-        raise ConfigError(f"{path}: data/engine settings: {exc}") from exc
-    return cfg
+    """The run config from YAML + ``key=value`` overrides; ConfigError (one line) on any problem,
+    naming the key (the loader's settings are checked by DataConfig and EngineConfig)."""
+    return load_config(TrainConfig, path, list(overrides))

@@ -22,6 +22,7 @@ launcher, and (issue 6) under Ray Train. Order of the set-up (each step needs th
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -46,6 +47,8 @@ from core.config import ConfigError, dump_config
 from pipeline.distributed import gather_to_rank0, init_from_env, rank_and_world
 from core.shard_sample import ShardSample
 from pipeline.loader import LoaderStats, TrainLoader, read_training_manifest
+from pipeline.model_bundle import save_bundle
+from pipeline.model_tools import build_model
 from pipeline.parallelize import applied_hyperparams, build_engine
 from pipeline.targets import TrainSample
 from pipeline.tracking import (
@@ -64,9 +67,6 @@ log = logging.getLogger(__name__)
 BUNDLE_DIR = "model"
 TRANSFER_REPORT = "transfer.json"
 STATE_DIR = "trainer_state"  # per-rank files `rank_<r>.pt` inside each checkpoint
-# Tests and fault drills: exit hard (no clean-up, like a killed node) right after this step, in a run
-# that did not resume (so the restarted run goes on).
-CRASH_ENV = "MASKDINO_CRASH_AFTER_STEP"
 
 
 class TrainError(RuntimeError):
@@ -216,8 +216,7 @@ def _readable_marker(storage: Storage, uri: str) -> ckpt.CheckpointMarker:
 
 def convert_to_universal(checkpoint_dir: str, output_dir: str) -> None:
     """DeepSpeed's ds_to_universal, in this process (one worker: no process pool on small machines)."""
-    import argparse
-
+    # deepspeed (seconds to import) comes with the engine (pipeline/parallelize.py), not with this module
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     shutil.rmtree(output_dir, ignore_errors=True)
@@ -331,8 +330,6 @@ class Trainer:
         return os.path.join(tempfile.gettempdir(), "maskdino-train", run[-120:])
 
     def _build_model(self) -> torch.nn.Module:
-        from pipeline.model_tools import build_model
-
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
         model = build_model(self.cfg.model, self.device, self.storage)
         if self.plan.resume_uri is None and self.cfg.init_from:
@@ -432,7 +429,7 @@ class Trainer:
         losses: dict[int, float] = {}
         batches = iter(self.loader)
         # Only a run that started afresh crashes, so a restarted one (Ray Train, a test) gets through.
-        crash_after = 0 if self.plan.resume_uri else int(os.environ.get(CRASH_ENV, "0") or 0)
+        crash_after = 0 if self.plan.resume_uri else cfg.faults.crash_after_step
         try:
             while self.step < cfg.schedule.max_steps:
                 metrics = self._train_step(batches)  # step self.step + 1
@@ -553,8 +550,6 @@ class Trainer:
         state = self._full_state_dict()
         uri = join(self.cfg.run_dir, BUNDLE_DIR)
         if self.rank == 0:
-            from pipeline.model_bundle import save_bundle
-
             save_bundle(self.storage, uri, self.cfg.model, state, self.categories)
             print(f"model bundle: {uri}", flush=True)
         dist.barrier()
@@ -564,7 +559,7 @@ class Trainer:
         """The model's full fp32 state dict on rank 0 (ZeRO-3 parameters gathered from all ranks)."""
         module = self.engine.module
         if self.cfg.engine.zero_stage == 3:
-            import deepspeed
+            import deepspeed  # seconds to import: with the engine, not with this module (see above)
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

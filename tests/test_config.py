@@ -7,18 +7,22 @@ import enum
 import os
 import pathlib
 import textwrap
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import pytest
 import yaml
 
 from core.config import (
     ConfigError,
+    InvalidValue,
+    Tagged,
     config_from_dict,
     config_to_dict,
     dump_config,
+    inline,
     load_config,
     parse_overrides,
+    with_values,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -607,3 +611,99 @@ def test_nested_base_errors_name_the_key_and_file(tmp_path: pathlib.Path) -> Non
     assert "inner.width" in msg and "m.yaml" in msg
     write(tmp_path / "loop.yaml", "inner: {_base_: loop.yaml}\n")
     assert "cycle" in error_of(load_config, _Outer, tmp_path / "loop.yaml")
+
+
+# --------------------------------------------------------------------------------------------
+# Tagged unions, inline fields, field-level __post_init__ errors.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    batch_size: int = 1
+    limit: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InvalidValue("batch_size", self.batch_size, ">= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    kind: Literal["copy"]
+    source: str = ""
+    splits: tuple[str, ...] = ("train",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    kind: Literal["score", "rescore"]
+    split: str = "val"
+    limits: Limits = inline(lambda: Limits(batch_size=2))
+
+
+Step = Annotated[Copy | Score, Tagged("kind", "steps")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Flow:
+    steps: dict[str, Step] = dataclasses.field(default_factory=dict)
+    first: Step | None = None
+
+
+def test_tagged_union_picks_the_arm_its_tag_names() -> None:
+    cfg = config_from_dict(Flow, {"steps": {"a": {"kind": "copy", "splits": ["x"]},
+                                            "b": {"kind": "rescore", "limit": 3}}})
+    assert cfg.steps == {"a": Copy("copy", splits=("x",)), "b": Score("rescore", limits=Limits(2, 3))}
+    assert config_from_dict(Flow, {"first": {"kind": "score"}}).first == Score("score")
+    assert config_from_dict(Flow, {"first": None}).first is None
+
+
+def test_tagged_union_errors_come_from_the_chosen_arm() -> None:
+    msg = error_of(config_from_dict, Flow, {"steps": {"a": {"kind": "copy", "splits": "x"}}}, "f.yaml")
+    assert "key 'steps.a.splits' in f.yaml must be a list of str" in msg  # not "must be Copy or Score"
+    msg = error_of(config_from_dict, Flow, {"steps": {"a": {"kind": "cpy"}}}, "f.yaml")
+    assert "key 'steps.a.kind' in f.yaml must be one of 'copy', 'score', 'rescore'; got str 'cpy'" in msg
+    msg = error_of(config_from_dict, Flow, {"steps": {"a": {"source": "s"}}}, "f.yaml")
+    assert "missing required key 'steps.a.kind' (not set in f.yaml): one of 'copy', 'score', 'rescore'" in msg
+    msg = error_of(config_from_dict, Flow, {"steps": {"a": "copy"}}, "f.yaml")
+    assert "key 'steps.a' in f.yaml must be a mapping with 'kind'; got str 'copy'" in msg
+    msg = error_of(config_from_dict, Flow, {"steps": {"a": {"kind": "copy", "sorce": "s"}}}, "f.yaml")
+    assert "unknown key 'steps.a.sorce' in f.yaml (did you mean 'source'?)" in msg
+    assert "allowed keys under 'steps.a': kind, source, splits" in msg
+
+
+def test_a_key_of_another_arm_says_which_arms_it_applies_to() -> None:
+    msg = error_of(config_from_dict, Flow, {"steps": {"a": {"kind": "copy", "limit": 4}}}, "f.yaml")
+    assert ("key 'steps.a.limit' applies to score/rescore steps; it is not used by copy steps "
+            "(set in f.yaml)") in msg
+    msg = error_of(load_config, Flow, None, ["first={kind: score, source: s}"])
+    assert "key 'first.source' applies to copy steps; it is not used by score steps" in msg
+
+
+def test_inline_fields_read_and_dump_flat_and_complete_the_default_instance() -> None:
+    score = config_from_dict(Score, {"kind": "score", "limit": 5})
+    assert score.limits == Limits(batch_size=2, limit=5)  # batch_size from the field's default, not Limits'
+    assert config_to_dict(score) == {"kind": "score", "split": "val", "batch_size": 2, "limit": 5}
+    assert config_from_dict(Score, config_to_dict(score)) == score
+    msg = error_of(config_from_dict, Score, {"kind": "score", "limits": {"limit": 1}}, "s.yaml")
+    assert "unknown key 'limits' in s.yaml" in msg and "allowed keys at top level: kind, split, batch_size, limit" in msg
+
+
+def test_invalid_value_names_the_dotted_key_and_the_layer_that_set_it(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path / "flow.yaml", "steps: {a: {kind: score, batch_size: 4}}\n")
+    msg = error_of(load_config, Flow, path, ["steps.a.batch_size=0"])
+    assert "key 'steps.a.batch_size' in command line override must be >= 1; got int 0" in msg
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):  # constructed in code
+        Limits(batch_size=0)
+
+
+def test_with_values_replaces_dotted_keys_and_checks_again() -> None:
+    job = Job("j", data=Data(shard=Shard(maxcount=3)))
+    changed = with_values(job, {"workers": 5, "data.shard.maxcount": 7, "data.name": "ade"})
+    assert changed == Job("j", 5, Data(name="ade", shard=Shard(maxcount=7)))
+    assert job.data.shard.maxcount == 3  # the original is untouched
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        with_values(job, {"workers": 0})
+    with pytest.raises(TypeError, match="cannot set 'data.shard.maxcont': Shard has no field 'maxcont'"):
+        with_values(job, {"data.shard.maxcont": 1})

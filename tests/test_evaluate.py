@@ -30,7 +30,7 @@ from tests.shard_helpers import FIXTURES, read_manifest, run_shard
 
 PANOPTIC = FIXTURES / "panopticapi" / "sample_data"
 ADE = FIXTURES / "sceneparsing"
-SETTINGS = EvalSettings(progress=False)
+SETTINGS = EvalSettings()
 
 
 # ---------------------------------------------------------------- shards of the real fixtures

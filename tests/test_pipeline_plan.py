@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from core.storage import Storage, StorageConfig
-from orchestration.pipeline_config import load_pipeline
+from orchestration.pipeline_config import EvaluateStage, RegisterStage, ShardStage, TrainStage, load_pipeline
 from orchestration.plan import (
     CODE_DIRS,
     code_version,
@@ -26,6 +26,7 @@ from orchestration.plan import (
     write_success,
 )
 from core.config import ConfigError
+from pipeline.eval_settings import EvalSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "pipeline", "demo.yaml")
@@ -254,6 +255,49 @@ def test_a_small_valid_pipeline_and_relative_config_paths(tmp_path, storage):
     pipeline = load_pipeline(_write(tmp_path, {"shard": _shard(), "ft": _train(config="copied_train.yaml")}))
     plan = make_plan(pipeline, storage, code=CODE)
     assert plan.levels == (("shard",), ("ft",)) and plan.to_run == ("shard", "ft")
+
+
+def _small(tmp_path, **evaluate):
+    return {"shard": _shard(), "ft": _train(), "ev": {"kind": "evaluate", "inputs": {"model": "ft", "data": "shard"},
+                                                      **evaluate},
+            "reg": {"kind": "register", "name": "m", "inputs": {"model": "ft", "report": "ev"}}}
+
+
+def test_each_stage_kind_is_its_own_typed_config(tmp_path):
+    pipeline = load_pipeline(_write(tmp_path, _small(tmp_path, batch_size=2, min_size=0)))
+    cfg = {n: s.cfg for n, s in pipeline.stages.items()}
+    assert [type(c) for c in cfg.values()] == [ShardStage, TrainStage, EvaluateStage, RegisterStage]
+    assert cfg["ev"].settings == EvalSettings(batch_size=2, min_size=0)  # the stage's flat keys, one struct
+    assert (cfg["ft"].split, cfg["ev"].split) == ("train", "val")  # each kind's own default
+
+
+@pytest.mark.parametrize(("evaluate", "needle"), [
+    ({"batch_size": 0}, "key 'stages.ev.batch_size' in {path} must be >= 1; got int 0"),
+    ({"limit": -1}, "key 'stages.ev.limit' in {path} must be >= 0 (0 = all); got int -1"),
+    ({"splits": ["val"]}, "key 'stages.ev.splits' applies to shard stages; it is not used by evaluate stages"),
+    ({"promote": False}, "key 'stages.ev.promote' applies to register stages; it is not used by evaluate stages"),
+])
+def test_a_stage_key_is_checked_by_its_kind_and_named(tmp_path, evaluate, needle):
+    path = _write(tmp_path, _small(tmp_path, **evaluate))
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    assert needle.format(path=path) in str(info.value)
+
+
+def test_the_executor_wires_the_run_config_loaded_once_without_reading_it_again(tmp_path, storage):
+    with open(TRAIN_CFG) as f:
+        text = f.read().replace("../model/", os.path.join(ROOT, "configs", "model") + "/")
+    (tmp_path / "copied_train.yaml").write_text(text)
+    stages = {"shard": _shard(), "ft": _train(config="copied_train.yaml", overrides=["optim.lr=3e-4"])}
+    pipeline = load_pipeline(_write(tmp_path, stages))
+    plan = make_plan(pipeline, storage, code=CODE)
+    loaded = pipeline.stages["ft"].run_config
+    assert loaded.run_dir == "<output>" and loaded.data.manifest == "<inputs.data>/train/manifest.json"
+    (tmp_path / "copied_train.yaml").unlink()  # the file is not read again
+    cfg = train_config(plan, "ft")
+    assert cfg.run_dir == plan["ft"].output and cfg.optim.lr == 3e-4
+    assert cfg.data.manifest == os.path.join(plan["shard"].output, "train", "manifest.json")
+    assert cfg.model is loaded.model  # the same validated sections, with only the wiring keys replaced
 
 
 # ----------------------------------------------------------------------------- code version

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.synthetic import SyntheticSpec, make_synthetic
-from orchestration.ray_train import Scaling, run_training
+from orchestration.ray_train import Scaling, TrainJob, run_training
 from pipeline.mlflow_tracking import (
     client,
     default_tracking_uri,
@@ -17,7 +17,6 @@ from pipeline.mlflow_tracking import (
     start_run,
 )
 from pipeline.train_config import load_train_config
-from pipeline.trainer import CRASH_ENV
 from tests.shard_helpers import run_shard
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -43,14 +42,15 @@ def test_a_killed_worker_is_restarted_and_the_stage_completes_from_its_checkpoin
     run_dir = tmp_path / "run"
     cfg = load_train_config(ROOT / "configs" / "train" / "tiny_instance.yaml", [
         f"run_dir={run_dir}", f"data.manifest={shards / 'manifest.json'}", "data.num_workers=0",
-        "schedule.max_steps=8", "checkpoint.every_steps=3", f"checkpoint.local_dir={tmp_path / 'local'}"])
+        "schedule.max_steps=8", "checkpoint.every_steps=3", f"checkpoint.local_dir={tmp_path / 'local'}",
+        "faults.crash_after_step=5"])
     uri = default_tracking_uri(str(tmp_path))
     run_id = start_run(uri, ensure_experiment(uri, "ray-train-test"), "finetune_instance")
 
     # Every worker exits hard after step 5 in the first attempt; the restarted group resumes from step 3.
-    outcome = run_training(cfg, Scaling(workers=2), max_failures=1, storage_path=str(tmp_path / "ray"),
-                           name="finetune_instance", tracking_uri=uri, mlflow_run_id=run_id,
-                           env={CRASH_ENV: "5", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
+    job = TrainJob(cfg, tracking_uri=uri, mlflow_run_id=run_id, system_metrics_interval_s=1.0)
+    outcome = run_training(job, Scaling(workers=2), max_failures=1, storage_path=str(tmp_path / "ray"),
+                           name="finetune_instance")
 
     assert outcome.steps == 8 and outcome.bundle == f"{run_dir}/model"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

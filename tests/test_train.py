@@ -31,7 +31,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.cli import main
 from core.config import config_to_dict
 from pipeline.train_config import TrainConfig, load_train_config
-from pipeline.trainer import CRASH_ENV, Trainer, train
+from pipeline.trainer import Trainer, train
 from pipeline.transfer import read_transfer_report
 from tests.s3_fixtures import create_bucket, make_storage
 from tests.shard_helpers import run_shard
@@ -179,7 +179,7 @@ def test_killed_at_step_12_and_resumed_repeats_steps_11_to_20(zero_runs, s3_serv
     storage, bucket = s3
     args = [*_s3_args(s3_server, bucket, "killed"), "engine.zero_stage=2", f"schedule.max_steps={STEPS}",
             f"checkpoint.every_steps={EVERY}", f"checkpoint.local_dir={tmp_path}"]
-    killed = torchrun_train(args, env={CRASH_ENV: "12"})
+    killed = torchrun_train([*args, "faults.crash_after_step=12"])
     assert killed.returncode != 0
     run = f"{bucket}/runs/killed"
     assert ckpt.latest_complete(storage, run)[0] == 10

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from core.config import ConfigError
 from core.storage import Storage
 from data_prep.synthetic import SyntheticSpec, make_synthetic
+from pipeline.cli import main
 from pipeline.model_tools import build_model, load_model_config
 from pipeline.parallelize import param_groups
 from pipeline.train_config import TrainConfig, load_train_config
@@ -211,3 +213,30 @@ def test_tiny_config_param_groups_are_backbone_and_head_with_and_without_decay()
     assert [g.name for g in groups] == ["backbone", "backbone_no_decay", "head", "head_no_decay"]
     assert {g.name: g.lr_multiplier for g in groups} == {"backbone": 0.1, "backbone_no_decay": 0.1,
                                                           "head": 1.0, "head_no_decay": 1.0}
+
+
+@pytest.mark.parametrize(("override", "allowed"), [
+    ("engine.precision=fp16", "'fp32', 'bf16'"),
+    ("schedule.warmup_method=cosine", "'linear', 'constant'"),
+    ("model.msda_backend=triton", "'auto', 'reference', 'cpp', 'cuda'"),
+])
+def test_choices_are_checked_at_load_naming_the_key_and_the_allowed_values(override, allowed):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as info:
+        load("tiny_instance", override)
+    assert f"key '{key}' in command line override must be one of {allowed}; got str '{value}'" in str(info.value)
+
+
+@pytest.mark.parametrize(("override", "bound"), [
+    ("engine.micro_batch_size=0", ">= 1"), ("engine.grad_accumulation=0", ">= 1"), ("data.shuffle_buffer=0", ">= 1"),
+    ("data.prefetch_factor=0", ">= 1"), ("data.num_workers=-1", ">= 0"), ("data.max_shard_retries=-1", ">= 0"),
+])
+def test_train_refuses_a_bad_batch_or_loader_setting_naming_the_key_the_user_wrote(override, bound, capsys):
+    """Through the CLI: exit 2 and one stderr line naming the key (not LoaderConfig's own field names)."""
+    assert main(["train", str(TRAIN / "tiny_instance.yaml"), override]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    key = override.split("=")[0]
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith("error: config error: ")
+    assert f"key '{key}' in command line override must be {bound}" in lines[0]
