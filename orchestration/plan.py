@@ -37,7 +37,8 @@ the plan): the key changes once it appears, so a dry run before ``make-synthetic
 than the run after it.
 
 **Code version.** :func:`code_version` is a sha256 over the sorted relative paths and contents of the
-source files (``.py``, C/C++/CUDA) under data_prep/, model/, pipeline/, orchestration/, csrc/. It does
+source files (``.py``, C/C++/CUDA) under core/, data_prep/, model/, pipeline/, orchestration/, csrc/: the code
+that makes a stage's outputs (cli/, the command line on top, is left out: a help text changes no output). It does
 not use git on purpose: a Ray Jobs ``working_dir`` upload has no ``.git``, and keys computed on the
 laptop (``--dry-run``, ``maskdino submit``) must equal those computed in the job; and a commit that
 only touches docs, tests or configs/ must not invalidate stages (configs are keyed by content anyway).
@@ -121,7 +122,7 @@ __all__ = [
     "write_success",
 ]
 
-CODE_DIRS = ("data_prep", "model", "pipeline", "orchestration", "csrc")
+CODE_DIRS = ("core", "data_prep", "model", "pipeline", "orchestration", "csrc")
 CODE_SUFFIXES = (".py", ".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp")
 DIGEST_MAX_BYTES = 32 * 2**20
 SUCCESS_NAME = "_SUCCESS.json"
