@@ -13,7 +13,7 @@ from PIL import Image
 
 from core.storage import Storage
 from model.maskdino import MaskDINO
-from pipeline.cli import main
+from cli import main
 from pipeline.model_bundle import build_bundle_model, open_bundle, save_bundle
 from pipeline.model_tools import load_model_config
 from tests.shard_helpers import FIXTURES, read_manifest, run_shard

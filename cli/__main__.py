@@ -1,0 +1,7 @@
+"""`python -m cli COMMAND ...`: the `maskdino` command, for launchers that start a module
+(`torchrun -m cli train ...`, `deepspeed --module cli train ...`, the Ray job entrypoint)."""
+import sys
+
+from cli import main
+
+sys.exit(main())

@@ -1,0 +1,41 @@
+"""Model commands: `model-info` (parameters and geometry of a model config) and `convert-checkpoint`
+(the authors' detectron2 .pth -> our safetensors names)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("model-info", help="parameter count per top-level module and in total, feature levels "
+                                          "and query counts of a model config")
+    p.add_argument("config", help="model config YAML (configs/model/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_classes=365")
+    p.set_defaults(run=run_model_info)
+
+
+def run_model_info(args: argparse.Namespace) -> int:
+    from pipeline.model_tools import load_model_config, model_info  # heavy: torch
+
+    info = model_info(load_model_config(args.config, args.overrides))
+    print(f"{args.config}:")
+    for line in info.lines():
+        print(f"  {line}")
+    return 0
+
+
+def add_convert_checkpoint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert-checkpoint", help="convert an official Mask DINO .pth (detectron2 format) to "
+                                                  "our safetensors names")
+    p.add_argument("input", help="official checkpoint (.pth: {'model': state_dict} or a bare state_dict)")
+    p.add_argument("output", help="output .safetensors path")
+    p.add_argument("--config", default="", help="model config to check shapes against and report missing keys")
+    p.set_defaults(run=run_convert_checkpoint)
+
+
+def run_convert_checkpoint(args: argparse.Namespace) -> int:
+    from pipeline.model_tools import convert_checkpoint, load_model_config  # heavy: torch, safetensors
+
+    cfg = load_model_config(args.config) if args.config else None
+    summary = convert_checkpoint(args.input, args.output, cfg)
+    print(summary.line(args.output))
+    return 0

@@ -1,0 +1,22 @@
+"""`promote`: move a registered model's `champion` alias by hand (MLflow), recording why."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_promote(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("promote", help="manually move the `champion` alias of a registered model to VERSION "
+                                       "(MLflow registry); the reason is recorded on the version")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("version", help="model version number")
+    p.add_argument("--reason", required=True, help="why (stored as the version tag promotion_reason)")
+    p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.set_defaults(run=run_promote)
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    from pipeline.registry import promote  # heavy: mlflow
+
+    result = promote(args.tracking_uri or None, args.name, args.version, args.reason)
+    print(f"models:/{args.name}@champion -> version {result.champion_version} ({result.reason})")
+    return 0

@@ -1,0 +1,107 @@
+"""Model runs: `train` (DeepSpeed on a shard manifest), `evaluate` (COCO AP, PQ or mIoU on a shard
+manifest) and `predict` (pictures of what a model finds in images)."""
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from cli.args import add_model_args, comma_list, storage_from
+from core.storage import Storage
+
+if TYPE_CHECKING:
+    from pipeline.model_bundle import ModelBundle
+
+
+# ---------------------------------------------------------------- train
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train or fine-tune with DeepSpeed on a shard manifest; one process here, "
+                                     "several under torchrun / the deepspeed launcher with the same arguments")
+    p.add_argument("config", help="run config (configs/train/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. schedule.max_steps=100 "
+                                                                     "data.manifest=s3://bucket/shards/manifest.json")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pipeline.train_config import load_train_config  # heavy: torch
+    from pipeline.trainer import train  # heavy: torch, deepspeed
+
+    cfg = load_train_config(args.config, args.overrides)
+    result = train(cfg)
+    if result.rank == 0:
+        stats = result.loader_stats
+        print(f"trained {result.steps} steps into {result.run_dir}; last checkpoint "
+              f"{result.checkpoints[-1] if result.checkpoints else 'none'}; model {result.bundle or 'not exported'}; "
+              f"samples {stats.samples}, undecodable skipped {stats.skipped_undecodable}, "
+              f"shard retries {stats.shard_retries}, shards skipped {stats.shards_skipped}")
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a model on a shard manifest: COCO AP, PQ or mIoU by the "
+                                        "manifest's task; writes report.json and per_class.md")
+    p.add_argument("manifest", help="manifest.json of the evaluation split (local or s3://)")
+    p.add_argument("--output", required=True, help="folder for report.json, per_class.md (local or s3://)")
+    add_model_args(p)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--min-size", type=int, default=-1, help="test-time short side (default: the dataset's "
+                                                           "official value; 0 = no resize)")
+    p.add_argument("--max-size", type=int, default=-1)
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples")
+    p.set_defaults(run=run_evaluate)
+
+
+def open_model_bundle(args: argparse.Namespace, storage: Storage) -> ModelBundle:
+    """The bundle named by --model, or by --config [--weights --categories --set]."""
+    from pipeline.model_bundle import open_bundle  # heavy: torch, safetensors
+
+    return open_bundle(storage, model=args.model, config=args.config, weights=args.weights,
+                       categories=args.categories, overrides=args.model_overrides)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.distributed import init_from_env  # heavy: torch
+    from pipeline.evaluate import EvalSettings, evaluate, write_report  # heavy: torch, pycocotools
+
+    storage = storage_from(args.storage_overrides)
+    bundle = open_model_bundle(args, storage)
+    init_from_env()  # under torchrun / the deepspeed launcher: one rank per process
+    settings = EvalSettings(batch_size=args.batch_size, min_size=args.min_size, max_size=args.max_size,
+                            limit=args.limit, device=args.device)
+    out = evaluate(bundle, args.manifest, storage, settings)
+    if out is None:  # not rank 0
+        return 0
+    report, task_report = out
+    written = write_report(storage, args.output, report, task_report)
+    print(task_report.table)
+    print(f"{report.headline()}; wrote {', '.join(written)}")
+    return 0
+
+
+# ---------------------------------------------------------------- predict
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="run a model on images and draw boxes, masks, panoptic and semantic "
+                                       "colours with class names as PNGs")
+    p.add_argument("images", nargs="+", help="image files (local or s3://)")
+    p.add_argument("--output", default="predictions", help="folder for the pictures (default: predictions)")
+    add_model_args(p)
+    p.add_argument("--score-threshold", type=float, default=0.5, help="instances drawn from this score up")
+    p.add_argument("--min-size", type=int, default=800, help="test-time short side (0 = keep)")
+    p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--kinds", default="instances,panoptic,semantic", help="pictures to draw (comma-separated)")
+    p.set_defaults(run=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import PredictSettings, predict_images  # heavy: torch
+
+    storage = storage_from(args.storage_overrides)
+    bundle = open_model_bundle(args, storage)
+    settings = PredictSettings(output=args.output, score_threshold=args.score_threshold, min_size=args.min_size,
+                               max_size=args.max_size, device=args.device, kinds=tuple(comma_list(args.kinds)))
+    written = predict_images(bundle, args.images, storage, settings)
+    for uri in written:
+        print(uri)
+    print(f"Drew {len(written)} pictures for {len(args.images)} images with {bundle.source} into {args.output}.")
+    return 0
