@@ -12,16 +12,36 @@ from collections.abc import Callable, Sequence
 from cli import data, metrics, model, pipeline_jobs, registry, train_eval
 from cli.errors import run_command
 
+# The order of `maskdino --help`: the pipeline first (the main entry), then its steps in the order a user
+# runs them by hand, then the cluster commands, then the tools.
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    data.add_make_synthetic, data.add_shard, data.add_verify_shards, model.add_model_info,
-    model.add_convert_checkpoint, metrics.add_metrics, train_eval.add_evaluate, train_eval.add_predict,
-    train_eval.add_train, registry.add_promote, pipeline_jobs.add_submit, pipeline_jobs.add_jobs,
-    pipeline_jobs.add_run)
+    pipeline_jobs.add_run,
+    data.add_make_synthetic, data.add_shard, data.add_verify_shards,
+    train_eval.add_train, train_eval.add_evaluate, train_eval.add_predict, registry.add_promote,
+    pipeline_jobs.add_submit, pipeline_jobs.add_jobs,
+    model.add_model_info, model.add_convert_checkpoint, metrics.add_metrics)
+
+QUICK_START = """\
+Mask DINO pipeline: shard raw datasets, pretrain and fine-tune with DeepSpeed, evaluate, register in
+MLflow; on one machine or on a Ray cluster, with local or s3:// storage.
+
+quick start on a fresh clone (CPU is enough; everything goes under demo_out/):
+  maskdino make-synthetic demo_out/raw
+  maskdino shard --config configs/data/demo_coco_instances.yaml --splits train,val output=demo_out/shards/coco_instances
+  maskdino train configs/train/tiny_instance.yaml run_dir=demo_out/runs/tiny_instance data.manifest=demo_out/shards/coco_instances/train/manifest.json
+  maskdino evaluate demo_out/shards/coco_instances/val/manifest.json --model demo_out/runs/tiny_instance/model --output demo_out/eval/tiny_instance
+
+or the whole staged pipeline (shard, pretrain, fine-tune, evaluate, register), as `make demo` runs it:
+  maskdino make-synthetic demo_out/raw --train-images 48 --val-images 16 --o365-categories 365
+  maskdino run configs/pipeline/demo.yaml
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskdino", description="Mask DINO pipeline: shard, pretrain, "
-                                     "fine-tune, evaluate, register.")
+    parser = argparse.ArgumentParser(prog="maskdino", description=QUICK_START,
+                                     epilog="`maskdino COMMAND --help` says what a command does, what it needs and "
+                                            "gives an example.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # The deepspeed launcher passes --local_rank=N before the command; the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from cli.args import comma_list, storage_from
+from cli.args import add_command, comma_list, storage_from
 from core.config import ConfigError, load_config
 from core.manifest import load_manifest
 from core.storage import join
@@ -18,8 +18,13 @@ from data_prep.shard_config import ShardJobConfig
 
 # ---------------------------------------------------------------- make-synthetic
 def add_make_synthetic(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("make-synthetic", help="write small synthetic datasets in the raw COCO, COCO panoptic, "
-                                              "ADE20K and Objects365 layouts")
+    p = add_command(sub, "make-synthetic", "write small synthetic datasets in the raw COCO, COCO panoptic, ADE20K and "
+                    "Objects365 layouts",
+                    details=["Scenes of coloured shapes with stuff regions, each dataset in its official folder layout: "
+                             "enough to try sharding, training, evaluation and the pipeline without downloading "
+                             "anything."],
+                    required="OUT, the folder to write into (created)",
+                    example="maskdino make-synthetic demo_out/raw")
     p.add_argument("out", help="folder to write into (created)")
     p.add_argument("--train-images", type=int, default=24)
     p.add_argument("--val-images", type=int, default=8)
@@ -56,7 +61,15 @@ def run_make_synthetic(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- shard
 def add_shard(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("shard", help="shard one raw dataset split into WebDataset tars + manifest (Ray)")
+    p = add_command(sub, "shard", "shard one raw dataset split (or several with --splits) into WebDataset tars + "
+                    "manifest, on Ray",
+                    details=["The config (--config, then key=value overrides) names the source (source.format, "
+                             "source.root, or explicit source.annotation / source.images / source.labels paths) and "
+                             "the output, each a local path or an s3:// URI. Records that fail validation are left out "
+                             "and listed in OUTPUT/rejects.jsonl; with --strict any reject is an error."],
+                    required="source.root (or explicit source paths) and output, in the --config file or as overrides",
+                    example="maskdino shard --config configs/data/demo_coco_instances.yaml --splits train,val "
+                            "output=demo_out/shards/coco_instances")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. source.format=coco_panoptic source.root=/data/coco "
                         "source.split=val output=s3://bucket/coco/val shard.maxcount=500")
@@ -91,8 +104,12 @@ def run_shard(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- verify-shards
 def add_verify_shards(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify-shards", help="re-read every shard of a manifest: checksums, counts, "
-                                             "member adjacency, decodability")
+    p = add_command(sub, "verify-shards", "re-read every shard of a manifest: checksums, counts, member adjacency, "
+                    "decodability",
+                    details=["Exit codes: 0 all checks passed, 1 problems found (each listed on stderr), 2 user error "
+                             "(unreadable manifest, bad storage setting)."],
+                    required="MANIFEST, a manifest.json path or s3:// URI",
+                    example="maskdino verify-shards demo_out/shards/coco_instances/val/manifest.json")
     p.add_argument("manifest", help="manifest.json path or s3:// URI")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="storage settings, e.g. endpoint_url=http://...")
     p.add_argument("--workers", type=int, default=4, help="shards checked at once (threads)")

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from cli.args import add_command
+
 
 def add_model_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("model-info", help="parameter count per top-level module and in total, feature levels "
-                                          "and query counts of a model config")
+    p = add_command(sub, "model-info", "parameter count per top-level module and in total, feature levels and query "
+                    "counts of a model config",
+                    details=["The model is built on the meta device: no weights are allocated or needed."],
+                    required="CONFIG, a model config (configs/model/*.yaml)",
+                    example="maskdino model-info configs/model/swinl_instance.yaml num_classes=365")
     p.add_argument("config", help="model config YAML (configs/model/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_classes=365")
     p.set_defaults(run=run_model_info)
@@ -24,8 +29,13 @@ def run_model_info(args: argparse.Namespace) -> int:
 
 
 def add_convert_checkpoint(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert-checkpoint", help="convert an official Mask DINO .pth (detectron2 format) to "
-                                                  "our safetensors names")
+    p = add_command(sub, "convert-checkpoint", "convert an official Mask DINO .pth (detectron2 format) to our "
+                    "safetensors names",
+                    details=["With --config the converted weights are checked against the model's shapes and the "
+                             "keys it misses are reported."],
+                    required="INPUT (the authors' .pth) and OUTPUT (.safetensors path)",
+                    example="maskdino convert-checkpoint model_final.pth weights/swinl_instance.safetensors "
+                            "--config configs/model/swinl_instance.yaml")
     p.add_argument("input", help="official checkpoint (.pth: {'model': state_dict} or a bare state_dict)")
     p.add_argument("output", help="output .safetensors path")
     p.add_argument("--config", default="", help="model config to check shapes against and report missing keys")

@@ -7,25 +7,32 @@ import datetime
 import json
 import sys
 
-from cli.args import add_address
+from cli.args import add_address, add_command
 from orchestration import jobs
 
-_JOBS_EPILOG = ("exit codes: 0 SUCCEEDED (or still PENDING/RUNNING for `jobs status`, or not waited for), 1 FAILED, "
-                "2 user error (no address, no Ray head answering, unknown job, bad argument), 3 STOPPED, "
-                "4 still PENDING after --pending-timeout (the cluster lacks the requested resources?), "
-                "5 still running after --timeout. Address: --address, else $RAY_API_SERVER_ADDRESS, else "
-                "$RAY_ADDRESS (the head's dashboard, http://HOST:8265; keep it on 127.0.0.1 behind an SSH tunnel).")
+_ADDRESS_NEEDED = "the head's dashboard address (--address, $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)"
+_JOBS_NOTE = ("Exit codes: 0 SUCCEEDED (or still PENDING/RUNNING for `jobs status`, or not waited for), 1 FAILED, "
+              "2 user error (no address, no Ray head answering, unknown job, bad argument), 3 STOPPED, "
+              "4 still PENDING after --pending-timeout (the cluster lacks the requested resources?), "
+              "5 still running after --timeout. Address: --address, else $RAY_API_SERVER_ADDRESS, else "
+              "$RAY_ADDRESS (the head's dashboard, http://HOST:8265; keep it on 127.0.0.1 behind an SSH tunnel).")
 
 
 # ---------------------------------------------------------------- run
 def add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a staged pipeline (shard -> pretrain -> fine-tune -> evaluate -> register) "
-                                   "on Ray, tracked in MLflow; cached stages are skipped")
+    p = add_command(sub, "run", "run a staged pipeline (shard -> pretrain -> fine-tune -> evaluate -> register) on "
+                    "Ray, tracked in MLflow; cached stages are skipped",
+                    details=["A stage's key hashes its resolved config, the code version and its inputs' keys; a stage "
+                             "whose output under RUN_ROOT/stages/<stage>/<key>/ is complete is skipped, so a second "
+                             "run skips everything and a changed config reruns that stage and the stages that depend "
+                             "on it. --dry-run validates every config and prints the plan."],
+                    required="PIPELINE, a pipeline config (configs/pipeline/*.yaml)",
+                    example="maskdino run configs/pipeline/demo.yaml --dry-run")
     p.add_argument("pipeline", help="pipeline config (configs/pipeline/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="pipeline overrides, e.g. run_root=/data/run")
     p.add_argument("--dry-run", action="store_true", help="validate every config and print the plan, run nothing")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="rerun STAGE and every stage after it (repeatable)")
+                   help="rerun STAGE and the stages that depend on it, even when cached (repeatable)")
     p.set_defaults(run=run_run)
 
 
@@ -52,10 +59,13 @@ class SubmitParser(argparse.ArgumentParser):
 
 
 def add_submit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("submit", help="submit `maskdino run PIPELINE` to a Ray cluster as a Ray job (the project "
-                                      "folder is uploaded as its working_dir); prints the job id",
-                       usage="maskdino submit PIPELINE.yaml [--address URL] [--wait] [options] [-- RUN_ARGS ...]",
-                       epilog=_JOBS_EPILOG)
+    p = add_command(sub, "submit", "submit `maskdino run PIPELINE` to a Ray cluster as a Ray job (the project folder "
+                    "is uploaded as its working_dir); prints the job id",
+                    details=[_JOBS_NOTE],
+                    required=f"PIPELINE.yaml inside the working_dir; {_ADDRESS_NEEDED}",
+                    example="maskdino submit configs/pipeline/cluster_example.yaml --address http://127.0.0.1:8265 "
+                            "--wait",
+                    usage="maskdino submit PIPELINE.yaml [--address URL] [--wait] [options] [-- RUN_ARGS ...]")
     p.__class__ = SubmitParser
     p.add_argument("pipeline", help="pipeline YAML inside the working_dir (default: the project folder); "
                                     "arguments after -- go to `maskdino run`")
@@ -101,22 +111,29 @@ def run_submit(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- jobs
 def add_jobs(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("jobs", help="list, inspect, follow and stop Ray jobs", epilog=_JOBS_EPILOG)
+    p = add_command(sub, "jobs", "list, inspect, follow and stop Ray jobs", details=[_JOBS_NOTE],
+                    required=f"ACTION (list, status, logs or stop); {_ADDRESS_NEEDED}",
+                    example="maskdino jobs list --address http://127.0.0.1:8265")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = actions.add_parser("list", help="every job the cluster knows: id, status, start time, entrypoint")
+    ls = add_command(actions, "list", "every job the cluster knows: id, status, start time, entrypoint",
+                     required=_ADDRESS_NEEDED, example="maskdino jobs list --address http://127.0.0.1:8265")
     add_address(ls)
     ls.set_defaults(run=run_jobs_list)
-    st = actions.add_parser("status", help="a job's status; exit code as in `maskdino submit --wait`",
-                            epilog=_JOBS_EPILOG)
+    st = add_command(actions, "status", "a job's status; exit code as in `maskdino submit --wait`",
+                     details=[_JOBS_NOTE], required=f"JOB_ID; {_ADDRESS_NEEDED}",
+                     example="maskdino jobs status raysubmit_XYZ --address http://127.0.0.1:8265")
     st.add_argument("job_id")
     add_address(st)
     st.set_defaults(run=run_jobs_status)
-    lg = actions.add_parser("logs", help="a job's output")
+    lg = add_command(actions, "logs", "a job's output (with --follow: until the job ends)",
+                     required=f"JOB_ID; {_ADDRESS_NEEDED}",
+                     example="maskdino jobs logs raysubmit_XYZ --address http://127.0.0.1:8265 --follow")
     lg.add_argument("job_id")
     add_address(lg)
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     lg.set_defaults(run=run_jobs_logs)
-    sp = actions.add_parser("stop", help="stop a job", epilog=_JOBS_EPILOG)
+    sp = add_command(actions, "stop", "stop a job", details=[_JOBS_NOTE], required=f"JOB_ID; {_ADDRESS_NEEDED}",
+                     example="maskdino jobs stop raysubmit_XYZ --address http://127.0.0.1:8265 --wait")
     sp.add_argument("job_id")
     add_address(sp)
     sp.add_argument("--wait", action="store_true", help="wait until it has ended; exit with its code (3 STOPPED)")

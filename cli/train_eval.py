@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from cli.args import add_model_args, comma_list, storage_from
+from cli.args import add_command, add_model_args, comma_list, storage_from
 from core.storage import Storage
 
 if TYPE_CHECKING:
@@ -14,8 +14,16 @@ if TYPE_CHECKING:
 
 # ---------------------------------------------------------------- train
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train or fine-tune with DeepSpeed on a shard manifest; one process here, "
-                                     "several under torchrun / the deepspeed launcher with the same arguments")
+    p = add_command(sub, "train", "train or fine-tune with DeepSpeed on a shard manifest; one process here, several "
+                    "under torchrun / the deepspeed launcher with the same arguments",
+                    details=["run_dir is required: where checkpoints/, metrics.jsonl and the exported model/ go (a "
+                             "local folder or an s3:// prefix); set it in CONFIG or as the override run_dir=PATH. A "
+                             "run_dir that already has a complete checkpoint is resumed from it (resume=auto).",
+                             "Several processes: torchrun --nproc-per-node 8 -m cli train CONFIG ..., or deepspeed "
+                             "--num_gpus 8 --module cli train CONFIG ..."],
+                    required="CONFIG (configs/train/*.yaml); run_dir and data.manifest, in CONFIG or as overrides",
+                    example="maskdino train configs/train/tiny_instance.yaml run_dir=demo_out/runs/tiny_instance "
+                            "data.manifest=demo_out/shards/coco_instances/train/manifest.json")
     p.add_argument("config", help="run config (configs/train/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. schedule.max_steps=100 "
                                                                      "data.manifest=s3://bucket/shards/manifest.json")
@@ -39,8 +47,15 @@ def run_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- evaluate
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a model on a shard manifest: COCO AP, PQ or mIoU by the "
-                                        "manifest's task; writes report.json and per_class.md")
+    p = add_command(sub, "evaluate", "evaluate a model on a shard manifest: COCO AP, PQ or mIoU by the manifest's "
+                    "task; writes report.json and per_class.md",
+                    details=["The model is a bundle (--model: a training run's model/ folder, or "
+                             "models:/NAME@ALIAS from the MLflow registry) or a config with weights (--config "
+                             "--weights). torchrun --nproc-per-node N -m cli evaluate ... splits the shards over N "
+                             "ranks."],
+                    required="MANIFEST, --output DIR, and --model BUNDLE or --config CONFIG",
+                    example="maskdino evaluate demo_out/shards/coco_instances/val/manifest.json "
+                            "--model demo_out/runs/tiny_instance/model --output demo_out/eval/tiny_instance")
     p.add_argument("manifest", help="manifest.json of the evaluation split (local or s3://)")
     p.add_argument("--output", required=True, help="folder for report.json, per_class.md (local or s3://)")
     add_model_args(p)
@@ -81,8 +96,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- predict
 def add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="run a model on images and draw boxes, masks, panoptic and semantic "
-                                       "colours with class names as PNGs")
+    p = add_command(sub, "predict", "run a model on images and draw boxes, masks, panoptic and semantic colours with "
+                    "class names as PNGs",
+                    details=["One picture per image and result kind: OUTPUT/<stem>.instances.png, "
+                             "<stem>.panoptic.png, <stem>.semantic.png."],
+                    required="IMAGE... (local or s3://), and --model BUNDLE or --config CONFIG",
+                    example="maskdino predict demo_out/raw/coco/val2017/000000000025.jpg "
+                            "--model demo_out/runs/tiny_instance/model --output demo_out/predictions")
     p.add_argument("images", nargs="+", help="image files (local or s3://)")
     p.add_argument("--output", default="predictions", help="folder for the pictures (default: predictions)")
     add_model_args(p)
