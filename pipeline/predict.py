@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from core.storage import Storage, join
@@ -43,8 +44,12 @@ def read_image(storage: Storage, uri: str) -> np.ndarray:
     data = storage.read_bytes(uri)
     try:
         return decode_image(data)
-    except OSError as exc:
-        raise PredictInputError(f"{uri}: not a readable image ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        # PIL names the in-memory buffer (`<_io.BytesIO object at 0x...>`), not the file: say which file.
+        raise PredictInputError(f"cannot read image {uri}: not an image format PIL knows (JPEG, PNG, ...); "
+                                "pass image files") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise PredictInputError(f"cannot read image {uri}: {exc}; pass an intact image file") from exc
 
 
 def draw_result(image: np.ndarray, result: ImageResult, class_names: Sequence[str],
