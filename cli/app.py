@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from cli import data, metrics, model, pipeline_jobs, registry, train_eval
+from cli.args import CommandParser
 from cli.errors import run_command
 
 # The order of `maskdino --help`: the pipeline first (the main entry), then its steps in the order a user
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # The deepspeed launcher passes --local_rank=N before the command; the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
     for add in SUBCOMMANDS:
         add(sub)
     return parser

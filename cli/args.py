@@ -13,6 +13,25 @@ from core.storage import Storage, StorageConfig
 WIDTH = 100  # help paragraphs are wrapped here (RawDescriptionHelpFormatter keeps the example lines as written)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser that takes options between and after its positionals, so that
+    `maskdino train CONFIG --dry-run run_dir=...` works: plain argparse matches `overrides` (nargs="*")
+    empty before the option and then rejects the `key=value` after it. A parser with subcommands of
+    its own (jobs, metrics) parses as plain argparse does (intermixed parsing does not support them)."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        has_subcommands = any(isinstance(a, argparse._SubParsersAction) for a in self._actions)
+        if has_subcommands or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls parse_known_args itself
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def paragraphs(*texts: str) -> str:
     """Each text wrapped to WIDTH; lines starting with two spaces (commands) are kept as they are."""
     out = []

@@ -7,7 +7,7 @@ import datetime
 import json
 import sys
 
-from cli.args import add_address, add_command
+from cli.args import CommandParser, add_address, add_command
 from orchestration import jobs
 
 _ADDRESS_NEEDED = "the head's dashboard address (--address, $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)"
@@ -45,7 +45,7 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- submit
-class SubmitParser(argparse.ArgumentParser):
+class SubmitParser(CommandParser):
     """Everything after `--` goes to `extra` (a `nargs="*"` positional after the pipeline would match empty
     before the options and leave `-- ARGS` unrecognised)."""
 

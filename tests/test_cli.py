@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import build_parser
+from cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +81,13 @@ def test_help_and_user_errors_start_without_torch(argv):
     if argv != ["--help"]:
         assert last.startswith("2 ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert done.stderr.startswith("error: ")
+
+
+def test_options_may_come_between_and_after_the_overrides():
+    parse = build_parser().parse_args
+    for argv in (["run", "p.yaml", "--dry-run", "a=1", "b=2"], ["run", "p.yaml", "a=1", "--dry-run", "b=2"],
+                 ["run", "p.yaml", "a=1", "b=2", "--dry-run"]):
+        args = parse(argv)
+        assert (args.pipeline, args.overrides, args.dry_run) == ("p.yaml", ["a=1", "b=2"], True), argv
+    assert parse(["run", "p.yaml", "--force", "shard", "run_root=/r"]).overrides == ["run_root=/r"]
+    assert parse(["submit", "p.yaml", "--wait", "--", "--dry-run"]).extra == ["--dry-run"]
