@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 
 from tqdm import tqdm
 
 from cli.args import add_command, comma_list, storage_from
 from core.config import ConfigError, load_config
 from core.manifest import load_manifest
-from core.storage import join
-from data_prep.shard_config import ShardJobConfig
+from data_prep.shard_check import check_shard_job
+from data_prep.shard_config import ShardJobConfig, split_configs
 
 
 # ---------------------------------------------------------------- make-synthetic
@@ -66,7 +65,10 @@ def add_shard(sub: argparse._SubParsersAction) -> None:
                     details=["The config (--config, then key=value overrides) names the source (source.format, "
                              "source.root, or explicit source.annotation / source.images / source.labels paths) and "
                              "the output, each a local path or an s3:// URI. Records that fail validation are left out "
-                             "and listed in OUTPUT/rejects.jsonl; with --strict any reject is an error."],
+                             "and listed in OUTPUT/rejects.jsonl; with --strict any reject is an error.",
+                             "--dry-run checks the config, that the source's annotation file, class list and folders "
+                             "exist, and that the output can be written (the bucket exists), then prints what would "
+                             "be sharded: no Ray, nothing written."],
                     required="source.root (or explicit source paths) and output, in the --config file or as overrides",
                     example="maskdino shard --config configs/data/demo_coco_instances.yaml --splits train,val "
                             "output=demo_out/shards/coco_instances")
@@ -79,25 +81,26 @@ def add_shard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inline", action="store_true", help="run shard tasks in this process instead of Ray")
     p.add_argument("--splits", default="", help="comma-separated splits to shard in one Ray session, each into "
                                                 "OUTPUT/SPLIT (default: the single source.split into OUTPUT)")
+    p.add_argument("--dry-run", action="store_true", help="check the config, the source's files and the output "
+                                                          "location, print what would be sharded; start and write "
+                                                          "nothing")
     p.set_defaults(run=run_shard)
 
 
 def run_shard(args: argparse.Namespace) -> int:
+    flags = {"validate.strict": "true" if args.strict else "", "executor.address": args.address or "",
+             "executor.kind": "inline" if args.inline else ""}
+    overrides = [*args.overrides, *(f"{key}={value}" for key, value in flags.items() if value)]
+    cfg = load_config(ShardJobConfig, args.config, overrides)
+    split_cfgs = split_configs(cfg, comma_list(args.splits))
+    if args.dry_run:
+        print("\n".join(check_shard_job(cfg, split_cfgs).lines()))
+        return 0
     from data_prep.fanout import ray_session  # heavy: pycocotools (the shard writer), ray
     from data_prep.shard import shard_dataset  # heavy: pycocotools
 
-    overrides = list(args.overrides)
-    if args.strict:
-        overrides.append("validate.strict=true")
-    if args.address:
-        overrides.append(f"executor.address={args.address}")
-    if args.inline:
-        overrides.append("executor.kind=inline")
-    cfg = load_config(ShardJobConfig, args.config, overrides)
-    splits = comma_list(args.splits)
-    configs = [replace(cfg, source=replace(cfg.source, split=s), output=join(cfg.output, s)) for s in splits]
     with ray_session(cfg.executor):  # one Ray start for all splits
-        for split_cfg in configs or [cfg]:
+        for split_cfg in split_cfgs:
             print(shard_dataset(split_cfg).paragraph())
     return 0
 

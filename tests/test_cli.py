@@ -83,6 +83,102 @@ def test_help_and_user_errors_start_without_torch(argv):
         assert done.stderr.startswith("error: ")
 
 
+# ----------------------------------------------------------------------------------------- --dry-run
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*"))
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    from data_prep.synthetic import SyntheticSpec, make_synthetic
+
+    root = tmp_path_factory.mktemp("raw")
+    make_synthetic(root, SyntheticSpec(train_images=4, val_images=2, min_size=96, max_size=128, seed=3,
+                                       formats=("coco_instances",)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(raw, tmp_path_factory) -> Path:
+    from tests.shard_helpers import run_shard
+
+    out = tmp_path_factory.mktemp("shards")
+    run_shard(out, format="coco_instances", root=str(raw / "coco"), split="train")
+    return out
+
+
+@pytest.fixture()
+def no_sharding(monkeypatch):
+    """Starting Ray or sharding anything fails the test."""
+    import data_prep.fanout
+    import data_prep.shard
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("--dry-run started Ray or sharded")
+
+    monkeypatch.setattr(data_prep.fanout, "ray_session", refuse)
+    monkeypatch.setattr(data_prep.shard, "shard_dataset", refuse)
+
+
+def _shard_args(raw: Path, output: str) -> list[str]:
+    return ["shard", "--dry-run", "--splits", "train,val", "source.format=coco_instances",
+            f"source.root={raw / 'coco'}", f"output={output}"]
+
+
+def test_shard_dry_run_checks_every_split_and_writes_nothing(raw, tmp_path, capsys, no_sharding):
+    before = _files(raw) + _files(tmp_path)
+    assert main(_shard_args(raw, str(tmp_path / "out" / "coco"))) == 0
+    out = capsys.readouterr().out
+    for split in ("train", "val"):
+        assert f"split {split} into {tmp_path / 'out' / 'coco' / split}" in out
+        assert f"instances_{split}2017.json" in out
+    assert f"will be created under {tmp_path}" in out
+    assert _files(raw) + _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["missing annotation file", "empty image folder", "output is a file",
+                                  pytest.param("missing bucket", marks=pytest.mark.s3)])
+def test_shard_dry_run_with_a_bad_input_or_output_exits_2_naming_it(case, raw, tmp_path, capsys, no_sharding, request):
+    args = _shard_args(raw, str(tmp_path / "out"))
+    if case == "missing annotation file":
+        args.append(f"source.annotation={tmp_path / 'instances_nowhere.json'}")
+        expect = f"annotation file {tmp_path / 'instances_nowhere.json'} not found"
+    elif case == "empty image folder":
+        (tmp_path / "empty").mkdir()
+        args.append(f"source.images={tmp_path / 'empty'}")
+        expect = f"image folder {tmp_path / 'empty'} is empty or missing"
+    elif case == "output is a file":
+        (tmp_path / "taken").write_text("")
+        args.append(f"output={tmp_path / 'taken' / 'shards'}")
+        expect = f"{tmp_path / 'taken'} is a file, not a folder"
+    else:
+        endpoint = request.getfixturevalue("s3_server")
+        args += ["output=s3://no-such-bucket-for-dry-run/shards", f"storage.endpoint_url={endpoint}",
+                 "storage.region=us-east-1"]
+        expect = "bucket 'no-such-bucket-for-dry-run' does not exist"
+    assert main(args) == 2
+    assert expect in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.s3
+def test_shard_dry_run_into_an_existing_bucket_writes_nothing_there(raw, s3_bucket, capsys, no_sharding):
+    storage, bucket = s3_bucket
+    endpoint = storage.config.endpoint_url
+    assert main([*_shard_args(raw, f"{bucket}/shards"), f"storage.endpoint_url={endpoint}",
+                 "storage.region=us-east-1"]) == 0
+    assert f"bucket '{bucket[5:]}' exists" in capsys.readouterr().out
+    assert list(storage.list(bucket)) == []
+
+
 def test_options_may_come_between_and_after_the_overrides():
     parse = build_parser().parse_args
     for argv in (["run", "p.yaml", "--dry-run", "a=1", "b=2"], ["run", "p.yaml", "a=1", "--dry-run", "b=2"],
