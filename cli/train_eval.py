@@ -19,6 +19,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                     details=["run_dir is required: where checkpoints/, metrics.jsonl and the exported model/ go (a "
                              "local folder or an s3:// prefix); set it in CONFIG or as the override run_dir=PATH. A "
                              "run_dir that already has a complete checkpoint is resumed from it (resume=auto).",
+                             "--dry-run checks the config, that the manifest is readable and its categories match "
+                             "model.num_classes, the checkpoint to resume, that init_from is a model bundle and that "
+                             "run_dir can be written (the bucket exists), then prints what would be trained: no "
+                             "process group, no model, nothing written.",
                              "Several processes: torchrun --nproc-per-node 8 -m cli train CONFIG ..., or deepspeed "
                              "--num_gpus 8 --module cli train CONFIG ..."],
                     required="CONFIG (configs/train/*.yaml); run_dir and data.manifest, in CONFIG or as overrides",
@@ -27,14 +31,21 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="run config (configs/train/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. schedule.max_steps=100 "
                                                                      "data.manifest=s3://bucket/shards/manifest.json")
+    p.add_argument("--dry-run", action="store_true", help="check the config, the manifest, the checkpoint to resume, "
+                                                          "init_from and run_dir, print what would be trained; "
+                                                          "train and write nothing")
     p.set_defaults(run=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from pipeline.train_config import load_train_config  # heavy: torch
+    from pipeline.train_dry_run import check_training  # heavy: torch, deepspeed
     from pipeline.trainer import train  # heavy: torch, deepspeed
 
     cfg = load_train_config(args.config, args.overrides)
+    if args.dry_run:
+        print("\n".join(check_training(cfg).lines()))
+        return 0
     result = train(cfg)
     if result.rank == 0:
         stats = result.loader_stats

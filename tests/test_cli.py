@@ -179,6 +179,48 @@ def test_shard_dry_run_into_an_existing_bucket_writes_nothing_there(raw, s3_buck
     assert list(storage.list(bucket)) == []
 
 
+TRAIN_CONFIG = str(ROOT / "configs" / "train" / "tiny_instance.yaml")
+
+
+def _train_args(shards: Path, tmp_path: Path) -> list[str]:
+    return ["train", TRAIN_CONFIG, "--dry-run", f"run_dir={tmp_path / 'run'}", f"data.manifest={shards / 'manifest.json'}",
+            f"checkpoint.local_dir={tmp_path / 'local'}", "schedule.max_steps=3"]
+
+
+def test_train_dry_run_checks_the_inputs_and_writes_nothing(shards, tmp_path, capsys):
+    import torch.distributed as dist
+
+    assert main(_train_args(shards, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "would train to step 3" in out and "4 samples" in out and "start from scratch" in out
+    assert f"{tmp_path / 'run'} will be created under {tmp_path}" in out
+    assert _files(tmp_path) == []  # no run_dir, no local checkpoint folder
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("case", ["missing manifest", "num_classes mismatch", "init_from not a bundle",
+                                  pytest.param("missing bucket", marks=pytest.mark.s3)])
+def test_train_dry_run_with_a_bad_input_or_output_exits_2_naming_it(case, shards, tmp_path, capsys, request):
+    args = _train_args(shards, tmp_path)
+    if case == "missing manifest":
+        args.append(f"data.manifest={tmp_path / 'nowhere' / 'manifest.json'}")
+        expect = f"cannot read the training manifest {tmp_path / 'nowhere' / 'manifest.json'}"
+    elif case == "num_classes mismatch":
+        args.append("model.num_classes=3")
+        expect = "set model.num_classes=8"
+    elif case == "init_from not a bundle":
+        args.append(f"init_from={shards}")
+        expect = f"init_from={shards} is not a model bundle"
+    else:
+        endpoint = request.getfixturevalue("s3_server")
+        args += ["run_dir=s3://no-such-bucket-for-dry-run/runs/tiny", f"storage.endpoint_url={endpoint}",
+                 "storage.region=us-east-1"]
+        expect = "bucket 'no-such-bucket-for-dry-run' does not exist"
+    assert main(args) == 2
+    assert expect in _one_error_line(capsys)
+    assert _files(tmp_path) == []
+
+
 def test_options_may_come_between_and_after_the_overrides():
     parse = build_parser().parse_args
     for argv in (["run", "p.yaml", "--dry-run", "a=1", "b=2"], ["run", "p.yaml", "a=1", "--dry-run", "b=2"],
