@@ -24,10 +24,10 @@ class TrainDryRun:
 
     def _start(self) -> str:
         if self.plan.resume_uri:
-            return f"resume from {self.plan.resume_uri} at step {self.plan.resume_step}"
+            return f"resuming from {self.plan.resume_uri} at step {self.plan.resume_step}"
         if self.cfg.init_from:
-            return f"start from the model bundle {self.cfg.init_from} (init_from)"
-        return f"start from scratch (seed {self.cfg.seed})"
+            return f"from the model bundle {self.cfg.init_from} (init_from)"
+        return f"from scratch (seed {self.cfg.seed})"
 
     def lines(self) -> list[str]:
         cfg, manifest = self.cfg, self.plan.manifest

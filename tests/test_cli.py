@@ -192,7 +192,7 @@ def test_train_dry_run_checks_the_inputs_and_writes_nothing(shards, tmp_path, ca
 
     assert main(_train_args(shards, tmp_path)) == 0
     out = capsys.readouterr().out
-    assert "would train to step 3" in out and "4 samples" in out and "start from scratch" in out
+    assert "would train to step 3" in out and "4 samples" in out and "start: from scratch" in out
     assert f"{tmp_path / 'run'} will be created under {tmp_path}" in out
     assert _files(tmp_path) == []  # no run_dir, no local checkpoint folder
     assert not dist.is_initialized()
