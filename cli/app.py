@@ -40,8 +40,8 @@ or the whole staged pipeline (shard, pretrain, fine-tune, evaluate, register), a
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskdino", description=QUICK_START,
-                                     epilog="`maskdino COMMAND --help` says what a command does, what it needs and "
-                                            "gives an example.",
+                                     epilog="`maskdino COMMAND --help`: what a command does, what it needs, and an "
+                                            "example.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # The deepspeed launcher passes --local_rank=N before the command; the environment says the same.

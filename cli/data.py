@@ -8,7 +8,7 @@ import time
 
 from tqdm import tqdm
 
-from cli.args import add_command, comma_list, storage_from
+from cli.args import add_command, add_overrides, comma_list, storage_from
 from core.config import ConfigError, load_config
 from core.manifest import load_manifest
 from data_prep.shard_check import check_shard_job
@@ -72,9 +72,8 @@ def add_shard(sub: argparse._SubParsersAction) -> None:
                     required="source.root (or explicit source paths) and output, in the --config file or as overrides",
                     example="maskdino shard --config configs/data/demo_coco_instances.yaml --splits train,val "
                             "output=demo_out/shards/coco_instances")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. source.format=coco_panoptic source.root=/data/coco "
-                        "source.split=val output=s3://bucket/coco/val shard.maxcount=500")
+    add_overrides(p, "config overrides", "source.format=coco_panoptic source.root=/data/coco source.split=val "
+                                         "output=s3://bucket/coco/val shard.maxcount=500")
     p.add_argument("--config", help="YAML config (supports _base_)")
     p.add_argument("--strict", action="store_true", help="any rejected record is an error (exit 2, no manifest)")
     p.add_argument("--address", help="Ray cluster address (default: start local Ray)")
@@ -114,7 +113,7 @@ def add_verify_shards(sub: argparse._SubParsersAction) -> None:
                     required="MANIFEST, a manifest.json path or s3:// URI",
                     example="maskdino verify-shards demo_out/shards/coco_instances/val/manifest.json")
     p.add_argument("manifest", help="manifest.json path or s3:// URI")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="storage settings, e.g. endpoint_url=http://...")
+    add_overrides(p, "storage settings", "endpoint_url=http://...")
     p.add_argument("--workers", type=int, default=4, help="shards checked at once (threads)")
     p.set_defaults(run=run_verify_shards)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.args import add_command
+from cli.args import add_command, add_overrides
 
 
 def add_model_info(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +14,7 @@ def add_model_info(sub: argparse._SubParsersAction) -> None:
                     required="CONFIG, a model config (configs/model/*.yaml)",
                     example="maskdino model-info configs/model/swinl_instance.yaml num_classes=365")
     p.add_argument("config", help="model config YAML (configs/model/*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_classes=365")
+    add_overrides(p, "config overrides", "num_classes=365")
     p.set_defaults(run=run_model_info)
 
 

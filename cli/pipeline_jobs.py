@@ -7,7 +7,7 @@ import datetime
 import json
 import sys
 
-from cli.args import CommandParser, add_address, add_command
+from cli.args import CommandParser, add_address, add_command, add_overrides
 from orchestration import jobs
 
 _ADDRESS_NEEDED = "the head's dashboard address (--address, $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)"
@@ -29,7 +29,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
                     required="PIPELINE, a pipeline config (configs/pipeline/*.yaml)",
                     example="maskdino run configs/pipeline/demo.yaml --dry-run")
     p.add_argument("pipeline", help="pipeline config (configs/pipeline/*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="pipeline overrides, e.g. run_root=/data/run")
+    add_overrides(p, "pipeline overrides", "run_root=/data/run")
     p.add_argument("--dry-run", action="store_true", help="validate every config and print the plan, run nothing")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="rerun STAGE and the stages that depend on it, even when cached (repeatable)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from cli.args import add_command, add_model_args, comma_list, storage_from
+from cli.args import add_command, add_model_args, add_overrides, comma_list, storage_from
 from core.storage import Storage
 
 if TYPE_CHECKING:
@@ -29,8 +29,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                     example="maskdino train configs/train/tiny_instance.yaml run_dir=demo_out/runs/tiny_instance "
                             "data.manifest=demo_out/shards/coco_instances/train/manifest.json")
     p.add_argument("config", help="run config (configs/train/*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. schedule.max_steps=100 "
-                                                                     "data.manifest=s3://bucket/shards/manifest.json")
+    add_overrides(p, "config overrides", "schedule.max_steps=100 data.manifest=s3://bucket/shards/manifest.json")
     p.add_argument("--dry-run", action="store_true", help="check the config, the manifest, the checkpoint to resume, "
                                                           "init_from and run_dir, print what would be trained; "
                                                           "train and write nothing")
