@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------- train
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "train", "train or fine-tune with DeepSpeed on a shard manifest; one process here, several "
-                    "under torchrun / the deepspeed launcher with the same arguments",
+                    "under a distributed launcher with the same arguments",
                     details=["run_dir is required: where checkpoints/, metrics.jsonl and the exported model/ go (a "
                              "local folder or an s3:// prefix); set it in CONFIG or as the override run_dir=PATH. A "
                              "run_dir that already has a complete checkpoint is resumed from it (resume=auto).",
