@@ -21,7 +21,8 @@ class CommandParser(argparse.ArgumentParser):
 
     _intermixing = False
 
-    def parse_known_args(self, args=None, namespace=None):
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
         has_subcommands = any(isinstance(a, argparse._SubParsersAction) for a in self._actions)
         if has_subcommands or self._intermixing:
             return super().parse_known_args(args, namespace)

@@ -6,6 +6,7 @@ import argparse
 import datetime
 import json
 import sys
+from collections.abc import Sequence
 
 from cli.args import CommandParser, add_address, add_command, add_overrides
 from orchestration import jobs
@@ -49,7 +50,8 @@ class SubmitParser(CommandParser):
     """Everything after `--` goes to `extra` (a `nargs="*"` positional after the pipeline would match empty
     before the options and leave `-- ARGS` unrecognised)."""
 
-    def parse_known_args(self, args=None, namespace=None):
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
         args = list(sys.argv[1:] if args is None else args)
         extra = args[args.index("--") + 1:] if "--" in args else []
         args = args[:args.index("--")] if "--" in args else args
