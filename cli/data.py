@@ -19,9 +19,9 @@ from data_prep.shard_config import ShardJobConfig, split_configs
 def add_make_synthetic(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "make-synthetic", "write small synthetic datasets in the raw COCO, COCO panoptic, ADE20K and "
                     "Objects365 layouts",
-                    details=["Scenes of coloured shapes with stuff regions, each dataset in its official folder layout: "
-                             "enough to try sharding, training, evaluation and the pipeline without downloading "
-                             "anything."],
+                    details=[("Scenes of coloured shapes with stuff regions, each dataset in its official folder "
+                              "layout: enough to try sharding, training, evaluation and the pipeline without "
+                              "downloading anything.")],
                     required="OUT, the folder to write into (created)",
                     example="maskdino make-synthetic demo_out/raw")
     p.add_argument("out", help="folder to write into (created)")
@@ -62,13 +62,13 @@ def run_make_synthetic(args: argparse.Namespace) -> int:
 def add_shard(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "shard", "shard one raw dataset split (or several with --splits) into WebDataset tars + "
                     "manifest, on Ray",
-                    details=["The config (--config, then key=value overrides) names the source (source.format, "
-                             "source.root, or explicit source.annotation / source.images / source.labels paths) and "
-                             "the output, each a local path or an s3:// URI. Records that fail validation are left out "
-                             "and listed in OUTPUT/rejects.jsonl; with --strict any reject is an error.",
-                             "--dry-run checks the config, that the source's annotation file, class list and folders "
-                             "exist, and that the output can be written (the bucket exists), then prints what would "
-                             "be sharded: no Ray, nothing written."],
+                    details=[("The config (--config, then key=value overrides) names the source (source.format, "
+                              "source.root, or explicit source.annotation / source.images / source.labels paths) and "
+                              "the output, each a local path or an s3:// URI. Records that fail validation are left "
+                              "out and listed in OUTPUT/rejects.jsonl; with --strict any reject is an error."),
+                             ("--dry-run checks the config, that the source's annotation file, class list and folders "
+                              "exist, and that the output can be written (the bucket exists), then prints what would "
+                              "be sharded: no Ray, nothing written.")],
                     required="source.root (or explicit source paths) and output, in the --config file or as overrides",
                     example="maskdino shard --config configs/data/demo_coco_instances.yaml --splits train,val "
                             "output=demo_out/shards/coco_instances")
@@ -108,8 +108,8 @@ def run_shard(args: argparse.Namespace) -> int:
 def add_verify_shards(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "verify-shards", "re-read every shard of a manifest: checksums, counts, member adjacency, "
                     "decodability",
-                    details=["Exit codes: 0 all checks passed, 1 problems found (each listed on stderr), 2 user error "
-                             "(unreadable manifest, bad storage setting)."],
+                    details=[("Exit codes: 0 all checks passed, 1 problems found (each listed on stderr), 2 user error "
+                              "(unreadable manifest, bad storage setting).")],
                     required="MANIFEST, a manifest.json path or s3:// URI",
                     example="maskdino verify-shards demo_out/shards/coco_instances/val/manifest.json")
     p.add_argument("manifest", help="manifest.json path or s3:// URI")

@@ -38,8 +38,9 @@ def heavy_user_errors() -> tuple[type[Exception], ...]:
 
 
 def is_user_error(exc: Exception) -> bool:
-    # The light ones first: the heavy tuple is only built for what they do not cover.
-    return isinstance(exc, LIGHT_USER_ERRORS) or isinstance(exc, heavy_user_errors())
+    if isinstance(exc, LIGHT_USER_ERRORS):
+        return True  # told without building the heavy tuple
+    return isinstance(exc, heavy_user_errors())
 
 
 def one_line(exc: Exception) -> str:

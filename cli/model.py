@@ -31,8 +31,8 @@ def run_model_info(args: argparse.Namespace) -> int:
 def add_convert_checkpoint(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "convert-checkpoint", "convert an official Mask DINO .pth (detectron2 format) to our "
                     "safetensors names",
-                    details=["With --config the converted weights are checked against the model's shapes and the "
-                             "keys it misses are reported."],
+                    details=[("With --config the converted weights are checked against the model's shapes and the "
+                              "keys it misses are reported.")],
                     required="INPUT (the authors' .pth) and OUTPUT (.safetensors path)",
                     example="maskdino convert-checkpoint model_final.pth weights/swinl_instance.safetensors "
                             "--config configs/model/swinl_instance.yaml")

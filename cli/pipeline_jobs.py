@@ -23,10 +23,10 @@ _JOBS_NOTE = ("Exit codes: 0 SUCCEEDED (or still PENDING/RUNNING for `jobs statu
 def add_run(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "run", "run a staged pipeline (shard -> pretrain -> fine-tune -> evaluate -> register) on "
                     "Ray, tracked in MLflow; cached stages are skipped",
-                    details=["A stage's key hashes its resolved config, the code version and its inputs' keys; a stage "
-                             "whose output under RUN_ROOT/stages/<stage>/<key>/ is complete is skipped, so a second "
-                             "run skips everything and a changed config reruns that stage and the stages that depend "
-                             "on it. --dry-run validates every config and prints the plan."],
+                    details=[("A stage's key hashes its resolved config, the code version and its inputs' keys; a "
+                              "stage whose output under RUN_ROOT/stages/<stage>/<key>/ is complete is skipped, so a "
+                              "second run skips everything and a changed config reruns that stage and the stages that "
+                              "depend on it. --dry-run validates every config and prints the plan.")],
                     required="PIPELINE, a pipeline config (configs/pipeline/*.yaml)",
                     example="maskdino run configs/pipeline/demo.yaml --dry-run")
     p.add_argument("pipeline", help="pipeline config (configs/pipeline/*.yaml)")

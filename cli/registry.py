@@ -9,8 +9,8 @@ from cli.args import add_command
 def add_promote(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "promote", "manually move the `champion` alias of a registered model to VERSION (MLflow "
                     "registry); the reason is recorded on the version",
-                    details=["`maskdino run` moves `champion` only when a candidate beats it on the task's metric; "
-                             "this overrides that by hand, recording who, why and when as version tags."],
+                    details=[("`maskdino run` moves `champion` only when a candidate beats it on the task's metric; "
+                              "this overrides that by hand, recording who, why and when as version tags.")],
                     required="NAME, VERSION and --reason TEXT; the registry from --tracking-uri or "
                              "$MLFLOW_TRACKING_URI",
                     example='maskdino promote maskdino-demo-instance 2 --reason "better on the customer set" '

@@ -16,15 +16,15 @@ if TYPE_CHECKING:
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "train", "train or fine-tune with DeepSpeed on a shard manifest; one process here, several "
                     "under a distributed launcher with the same arguments",
-                    details=["run_dir is required: where checkpoints/, metrics.jsonl and the exported model/ go (a "
-                             "local folder or an s3:// prefix); set it in CONFIG or as the override run_dir=PATH. A "
-                             "run_dir that already has a complete checkpoint is resumed from it (resume=auto).",
-                             "--dry-run checks the config, that the manifest is readable and its categories match "
-                             "model.num_classes, the checkpoint to resume, that init_from is a model bundle and that "
-                             "run_dir can be written (the bucket exists), then prints what would be trained: no "
-                             "process group, no model, nothing written.",
-                             "Several processes: torchrun --nproc-per-node 8 -m cli train CONFIG ..., or deepspeed "
-                             "--num_gpus 8 --module cli train CONFIG ..."],
+                    details=[("run_dir is required: where checkpoints/, metrics.jsonl and the exported model/ go (a "
+                              "local folder or an s3:// prefix); set it in CONFIG or as the override run_dir=PATH. A "
+                              "run_dir that already has a complete checkpoint is resumed from it (resume=auto)."),
+                             ("--dry-run checks the config, that the manifest is readable and its categories match "
+                              "model.num_classes, the checkpoint to resume, that init_from is a model bundle and that "
+                              "run_dir can be written (the bucket exists), then prints what would be trained: no "
+                              "process group, no model, nothing written."),
+                             ("Several processes: torchrun --nproc-per-node 8 -m cli train CONFIG ..., or deepspeed "
+                              "--num_gpus 8 --module cli train CONFIG ...")],
                     required="CONFIG (configs/train/*.yaml); run_dir and data.manifest, in CONFIG or as overrides",
                     example="maskdino train configs/train/tiny_instance.yaml run_dir=demo_out/runs/tiny_instance "
                             "data.manifest=demo_out/shards/coco_instances/train/manifest.json")
@@ -59,10 +59,10 @@ def run_train(args: argparse.Namespace) -> int:
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "evaluate", "evaluate a model on a shard manifest: COCO AP, PQ or mIoU by the manifest's "
                     "task; writes report.json and per_class.md",
-                    details=["The model is a bundle (--model: a training run's model/ folder, or "
-                             "models:/NAME@ALIAS from the MLflow registry) or a config with weights (--config "
-                             "--weights). torchrun --nproc-per-node N -m cli evaluate ... splits the shards over N "
-                             "ranks."],
+                    details=[("The model is a bundle (--model: a training run's model/ folder, or "
+                              "models:/NAME@ALIAS from the MLflow registry) or a config with weights (--config "
+                              "--weights). torchrun --nproc-per-node N -m cli evaluate ... splits the shards over N "
+                              "ranks.")],
                     required="MANIFEST, --output DIR, and --model BUNDLE or --config CONFIG",
                     example="maskdino evaluate demo_out/shards/coco_instances/val/manifest.json "
                             "--model demo_out/runs/tiny_instance/model --output demo_out/eval/tiny_instance")
@@ -108,8 +108,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def add_predict(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "predict", "run a model on images and draw boxes, masks, panoptic and semantic colours with "
                     "class names as PNGs",
-                    details=["One picture per image and result kind: OUTPUT/<stem>.instances.png, "
-                             "<stem>.panoptic.png, <stem>.semantic.png."],
+                    details=[("One picture per image and result kind: OUTPUT/<stem>.instances.png, "
+                              "<stem>.panoptic.png, <stem>.semantic.png.")],
                     required="IMAGE... (local or s3://), and --model BUNDLE or --config CONFIG",
                     example="maskdino predict demo_out/raw/coco/val2017/000000000025.jpg "
                             "--model demo_out/runs/tiny_instance/model --output demo_out/predictions")

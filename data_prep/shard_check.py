@@ -72,8 +72,9 @@ class ShardDryRun:
                + ", ".join(s.inputs) for s in self.splits]
         out.append(f"output: {self.output}")
         decode = "image headers checked" if cfg.validate.decode == "header" else "images fully decoded"
+        rejects = "any reject is an error (--strict)" if cfg.validate.strict else "rejects listed in rejects.jsonl"
         out.append(f"shards of at most {cfg.shard.maxcount:,} samples / {cfg.shard.maxsize / 1e9:,.1f} GB; {decode}; "
-                   + ("any reject is an error (--strict)" if cfg.validate.strict else "rejects listed in rejects.jsonl"))
+                   f"{rejects}")
         out.append(f"executor: {_executor(cfg)}")
         out.append("checked: config, source files and folders, output location; nothing parsed, written or started")
         return out

@@ -14,10 +14,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from core.shard_sample import decode_image
 from core.storage import Storage, join
 from model.structures import ImageResult
 from pipeline.drawing import draw_instances, draw_panoptic, draw_semantic, png_bytes
-from core.shard_sample import decode_image
 from pipeline.evaluate import model_predictor
 from pipeline.model_bundle import ModelBundle, build_bundle_model
 

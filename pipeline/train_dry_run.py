@@ -34,15 +34,15 @@ class TrainDryRun:
         engine = cfg.engine
         world = int(os.environ.get("WORLD_SIZE", "1"))
         return [
-            f"dry run: would train to step {cfg.schedule.max_steps:,} on {cfg.data.manifest} ({manifest.dataset}/"
-            f"{manifest.split}, task {manifest.task}, {manifest.counts.samples:,} samples in {len(manifest.shards)} "
-            f"shards, {len(manifest.categories)} categories = model.num_classes)",
+            (f"dry run: would train to step {cfg.schedule.max_steps:,} on {cfg.data.manifest} ({manifest.dataset}/"
+             f"{manifest.split}, task {manifest.task}, {manifest.counts.samples:,} samples in {len(manifest.shards)} "
+             f"shards, {len(manifest.categories)} categories = model.num_classes)"),
             f"start: {self._start()}",
             f"run_dir: {self.run_dir}",
-            f"engine: ZeRO stage {engine.zero_stage}, {engine.precision}, micro-batch {engine.micro_batch_size} x "
-            f"{engine.grad_accumulation} accumulation per rank, {world} rank(s) (WORLD_SIZE)",
-            "checked: config, manifest and its categories, resume checkpoint, init_from bundle, run_dir location; "
-            "no process group, model or file created",
+            (f"engine: ZeRO stage {engine.zero_stage}, {engine.precision}, micro-batch {engine.micro_batch_size} x "
+             f"{engine.grad_accumulation} accumulation per rank, {world} rank(s) (WORLD_SIZE)"),
+            ("checked: config, manifest and its categories, resume checkpoint, init_from bundle, run_dir location; "
+             "no process group, model or file created"),
         ]
 
 

@@ -44,7 +44,8 @@ def test_help_opens_with_a_quick_start_and_lists_run_first(capsys):
     assert listed[1] == "run"
 
 
-@pytest.mark.parametrize("command, parser", list(_commands(build_parser())), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("command, parser", list(_commands(build_parser())),
+                         ids=lambda v: v if isinstance(v, str) else "")
 def test_every_help_says_what_the_command_does_what_it_needs_and_an_example_that_parses(command, parser):
     assert parser.description and len(parser.description.split()) >= 4, command
     epilog = parser.epilog or ""
@@ -72,7 +73,8 @@ def test_train_help_says_run_dir_is_required(capsys):
 def test_help_and_user_errors_start_without_torch(argv):
     """Prints the exit code and which heavy packages were imported by then."""
     code = ("import sys\nfrom cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    code = e.code\nprint(code, sorted(m for m in ('torch', 'deepspeed', 'mlflow', 'ray') if m in sys.modules))")
+            "    code = e.code\n"
+            "print(code, sorted(m for m in ('torch', 'deepspeed', 'mlflow', 'ray') if m in sys.modules))")
     no_address = {"RAY_ADDRESS": "", "RAY_API_SERVER_ADDRESS": ""}
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=False, cwd=ROOT,
                           env={**os.environ, **no_address}, timeout=120)
@@ -183,8 +185,9 @@ TRAIN_CONFIG = str(ROOT / "configs" / "train" / "tiny_instance.yaml")
 
 
 def _train_args(shards: Path, tmp_path: Path) -> list[str]:
-    return ["train", TRAIN_CONFIG, "--dry-run", f"run_dir={tmp_path / 'run'}", f"data.manifest={shards / 'manifest.json'}",
-            f"checkpoint.local_dir={tmp_path / 'local'}", "schedule.max_steps=3"]
+    return ["train", TRAIN_CONFIG, "--dry-run", f"run_dir={tmp_path / 'run'}",
+            f"data.manifest={shards / 'manifest.json'}", f"checkpoint.local_dir={tmp_path / 'local'}",
+            "schedule.max_steps=3"]
 
 
 def test_train_dry_run_checks_the_inputs_and_writes_nothing(shards, tmp_path, capsys):

@@ -39,6 +39,7 @@ def source_layout(cfg: SourceConfig) -> SourceLayout:
     split_dir = ADE20K_SPLIT_DIRS.get(split)
     if split_dir is None:
         raise SourceError(f"ADE20K split '{split}' is unknown; use one of {sorted(ADE20K_SPLIT_DIRS)}")
-    categories = (cfg.categories,) if cfg.categories else tuple(join(root, f"objectInfo150.{e}") for e in ("csv", "txt"))
+    standard = tuple(join(root, f"objectInfo150.{ext}") for ext in ("csv", "txt"))
+    categories = (cfg.categories,) if cfg.categories else standard
     return SourceLayout(images=cfg.images or join(root, "images", split_dir),
                         labels=cfg.labels or join(root, "annotations", split_dir), categories=categories)
