@@ -29,9 +29,9 @@ MLflow; on one machine or on a Ray cluster, with local or s3:// storage.
 quick start on a fresh clone (CPU is enough; everything goes under demo_out/):
   maskdino make-synthetic demo_out/raw
   maskdino shard --config configs/data/demo_coco_instances.yaml --splits train,val output=demo_out/shards/coco_instances
-  maskdino train configs/train/tiny_instance.yaml run_dir=demo_out/runs/tiny_instance \
+  maskdino train configs/train/tiny_instance.yaml run_dir=demo_out/runs/tiny_instance \\
       data.manifest=demo_out/shards/coco_instances/train/manifest.json
-  maskdino evaluate demo_out/shards/coco_instances/val/manifest.json --model demo_out/runs/tiny_instance/model \
+  maskdino evaluate demo_out/shards/coco_instances/val/manifest.json --model demo_out/runs/tiny_instance/model \\
       --output demo_out/eval/tiny_instance
 
 or the whole staged pipeline (shard, pretrain, fine-tune, evaluate, register), as `make demo` runs it:

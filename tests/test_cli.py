@@ -42,6 +42,11 @@ def test_help_opens_with_a_quick_start_and_lists_run_first(capsys):
         assert step in quick_start, step
     listed = out[out.index("COMMAND\n"):].split()
     assert listed[1] == "run"
+    commands = [line.strip() for line in quick_start.replace("\\\n", " ").splitlines()
+                if line.strip().startswith("maskdino ")]
+    assert len(commands) == 6
+    for command in commands:
+        build_parser().parse_args(shlex.split(command)[1:])  # SystemExit (exit 2) if it does not parse
 
 
 @pytest.mark.parametrize("command, parser", list(_commands(build_parser())),
