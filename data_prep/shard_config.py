@@ -1,10 +1,11 @@
 """Typed config of a sharding run (loaded by core/config.py from YAML + overrides)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from core.storage import StorageConfig
+from core.storage import StorageConfig, join
 
 SourceFormat = Literal["coco_instances", "coco_panoptic", "ade20k", "objects365"]
 
@@ -67,3 +68,8 @@ class ShardJobConfig:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     progress: bool = True
+
+
+def split_configs(cfg: ShardJobConfig, splits: Sequence[str]) -> list[ShardJobConfig]:
+    """One config per split, each writing into OUTPUT/SPLIT (`shard --splits train,val`); no splits: [cfg]."""
+    return [replace(cfg, source=replace(cfg.source, split=s), output=join(cfg.output, s)) for s in splits] or [cfg]

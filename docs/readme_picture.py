@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 from core.records import Category
 from core.storage import Storage
 from model.maskdino import MaskDINO
-from pipeline.cli import main
+from cli import main
 from pipeline.model_bundle import save_bundle
 from pipeline.model_tools import load_model_config
 from tests.learning_helpers import make_shapes_dataset, train_steps

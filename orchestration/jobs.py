@@ -281,7 +281,7 @@ def submit_job(address: str | None, entrypoint: str, runtime_env: Mapping[str, A
 def pipeline_entrypoint(pipeline_path: str | os.PathLike, extra_args: Sequence[str] = (),
                         working_dir: str | os.PathLike | None = None,
                         excludes: Sequence[str] = DEFAULT_EXCLUDES) -> str:
-    """`python -m pipeline.cli run REL ...` with REL the pipeline file relative to the working_dir."""
+    """`python -m cli run REL ...` with REL the pipeline file relative to the working_dir."""
     root = Path(working_dir or PROJECT_ROOT).resolve()
     path = Path(pipeline_path).expanduser()
     path = (path if path.is_absolute() else Path.cwd() / path).resolve()
@@ -295,7 +295,7 @@ def pipeline_entrypoint(pipeline_path: str | os.PathLike, extra_args: Sequence[s
     if is_excluded(rel, excludes):
         raise JobsError(f"pipeline file {rel} matches an upload exclude pattern, so it would not be uploaded: "
                         f"move it elsewhere under {root}")
-    return shlex.join(["python", "-m", "pipeline.cli", "run", rel, *extra_args])
+    return shlex.join(["python", "-m", "cli", "run", rel, *extra_args])
 
 
 def submit_pipeline(address: str | None, pipeline_path: str | os.PathLike, extra_args: Sequence[str] = (),

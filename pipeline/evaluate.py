@@ -2,7 +2,7 @@
 
 Each rank evaluates its block of the manifest (pipeline/eval_data.py) and the evaluators' partial states
 are gathered on rank 0, which alone computes and writes the report. Run it as one process, or with
-`torchrun --nproc-per-node N -m pipeline.cli evaluate ...` for N ranks.
+`torchrun --nproc-per-node N -m cli evaluate ...` for N ranks.
 """
 from __future__ import annotations
 

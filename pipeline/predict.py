@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from core.shard_sample import decode_image
 from core.storage import Storage, join
 from model.structures import ImageResult
 from pipeline.drawing import draw_instances, draw_panoptic, draw_semantic, png_bytes
-from core.shard_sample import decode_image
 from pipeline.evaluate import model_predictor
 from pipeline.model_bundle import ModelBundle, build_bundle_model
 
@@ -43,8 +44,12 @@ def read_image(storage: Storage, uri: str) -> np.ndarray:
     data = storage.read_bytes(uri)
     try:
         return decode_image(data)
-    except OSError as exc:
-        raise PredictInputError(f"{uri}: not a readable image ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        # PIL names the in-memory buffer (`<_io.BytesIO object at 0x...>`), not the file: say which file.
+        raise PredictInputError(f"cannot read image {uri}: not an image format PIL knows (JPEG, PNG, ...); "
+                                "pass image files") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise PredictInputError(f"cannot read image {uri}: {exc}; pass an intact image file") from exc
 
 
 def draw_result(image: np.ndarray, result: ImageResult, class_names: Sequence[str],

@@ -17,7 +17,7 @@ import pytest
 from data_prep.synthetic import SyntheticSpec, make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "pipeline.cli"]
+CLI = [sys.executable, "-m", "cli"]
 
 
 @pytest.fixture(scope="module")

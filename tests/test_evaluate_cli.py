@@ -13,7 +13,7 @@ from PIL import Image
 
 from core.storage import Storage
 from model.maskdino import MaskDINO
-from pipeline.cli import main
+from cli import main
 from pipeline.model_bundle import build_bundle_model, open_bundle, save_bundle
 from pipeline.model_tools import load_model_config
 from tests.shard_helpers import FIXTURES, read_manifest, run_shard
@@ -142,6 +142,16 @@ def test_user_errors_are_one_line_with_exit_code_2(argv, message, instance_bundl
     assert main([a.format(**names) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
+
+
+def test_predict_on_a_file_that_is_not_an_image_names_the_file(instance_bundle, tmp_path, capsys):
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not an image")
+    assert main(["predict", str(notes), "--model", str(instance_bundle), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot read image {notes}: ") and "\n" not in err, err
+    assert "BytesIO" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_config_and_authors_pth_weights_load_through_the_adapter(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 
 from orchestration import jobs
 
-CLI = [sys.executable, "-m", "pipeline.cli"]
+CLI = [sys.executable, "-m", "cli"]
 
 
 def _free_port() -> int:
@@ -133,7 +133,7 @@ def test_submit_pipeline_builds_entrypoint_and_runtime_env():
                              client=client, env_vars={"B": "2"}, entrypoint_num_cpus=1)
     assert job_id == "raysubmit_test"
     sent = client.calls[0]
-    assert sent["entrypoint"] == "python -m pipeline.cli run pyproject.toml --dry-run 'a b'"
+    assert sent["entrypoint"] == "python -m cli run pyproject.toml --dry-run 'a b'"
     env = sent["runtime_env"]
     assert env["working_dir"] == str(jobs.PROJECT_ROOT)
     assert env["excludes"][:len(jobs.DEFAULT_EXCLUDES)] == list(jobs.DEFAULT_EXCLUDES)
@@ -143,7 +143,7 @@ def test_submit_pipeline_builds_entrypoint_and_runtime_env():
     for heavy in (".git/config", ".venv/bin/python", "demo_out/x.yaml", "runs/r/ckpt", "data/coco/a.jpg",
                   "model/__pycache__/x.pyc", "tests/fixtures/f.json", "w.safetensors", "x.egg-info/PKG-INFO"):
         assert jobs.is_excluded(heavy), heavy
-    for needed in ("pipeline/cli.py", "configs/data/coco.yaml", "model/config.py", "orchestration/jobs.py"):
+    for needed in ("cli/__init__.py", "configs/data/coco.yaml", "model/config.py", "orchestration/jobs.py"):
         assert not jobs.is_excluded(needed), needed
     files, size = jobs.working_dir_size()
     assert 0 < size < jobs.UPLOAD_LIMIT_BYTES // 10 and files > 20
@@ -229,7 +229,7 @@ def test_job_waiting_for_missing_resources_reports_pending_timeout(ray_head):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_project_root_uploads_and_imports_on_the_head(ray_head):
-    job_id = jobs.submit_job(ray_head, 'python -c "import pipeline.cli, orchestration.jobs; print(\'imported\')"')
+    job_id = jobs.submit_job(ray_head, 'python -c "import cli, orchestration.jobs; print(\'imported\')"')
     outcome = jobs.wait_job(ray_head, job_id, timeout_s=180, pending_timeout_s=120)
     logs = "".join(jobs.job_logs(ray_head, job_id))
     assert outcome.status == "SUCCEEDED", (outcome, logs[-2000:])

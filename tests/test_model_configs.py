@@ -15,7 +15,7 @@ from core.storage import Storage
 from model.maskdino import MaskDINO
 from model.official_checkpoint import convert_official_state_dict, load_official_weights
 from model.weights_file import CheckpointError, read_state_dict
-from pipeline.cli import main
+from cli import main
 from pipeline.model_tools import load_model_config, model_info
 from tests.parity_fixtures import build_fixture_model, load_fixture, model_config
 

@@ -42,7 +42,7 @@ def test_bad_pipeline_fails_before_anything_starts(tmp_path, case, dry_run):
     path.write_text(yaml.safe_dump({"name": "bad", "run_root": str(run_root), "stages": stages}, sort_keys=False))
     ray_sessions = set(os.listdir("/tmp/ray")) if os.path.isdir("/tmp/ray") else set()
 
-    args = [sys.executable, "-m", "pipeline.cli", "run", str(path), *(["--dry-run"] if dry_run else [])]
+    args = [sys.executable, "-m", "cli", "run", str(path), *(["--dry-run"] if dry_run else [])]
     done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
     assert done.returncode == 2, done.stdout + done.stderr

@@ -14,7 +14,7 @@ import torch
 
 from core.records import Category
 from core.storage import Storage
-from pipeline.cli import main
+from cli import main
 from pipeline.mlflow_tracking import (
     client,
     default_tracking_uri,

@@ -38,7 +38,7 @@ from core.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 _SCRIPT = Path(sys.executable).with_name("maskdino")
-MASKDINO = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pipeline.cli"]
+MASKDINO = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cli"]
 
 TRAIN_IMAGES = 6
 

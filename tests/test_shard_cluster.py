@@ -17,7 +17,7 @@ import pytest
 from data_prep.synthetic import SyntheticSpec, make_synthetic
 from tests.shard_helpers import read_manifest, read_samples
 
-CLI = [sys.executable, "-m", "pipeline.cli"]
+CLI = [sys.executable, "-m", "cli"]
 
 
 def _free_port() -> int:

@@ -62,7 +62,7 @@ def test_shard_to_s3_on_ray_lists_and_verifies(raw, tmp_path, s3_server, s3_buck
     assert local.samples == summary.samples
     assert (tmp_path / "local" / "manifest.json").read_bytes() == storage.read_bytes(f"{output}/manifest.json")
 
-    verify = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify-shards", f"{output}/manifest.json",
+    verify = subprocess.run([sys.executable, "-m", "cli", "verify-shards", f"{output}/manifest.json",
                              f"endpoint_url={s3_server}", f"region={TEST_REGION}"],
                             capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stderr
@@ -77,7 +77,7 @@ def test_verify_shards_reports_a_damaged_s3_shard(raw, s3_server, s3_bucket):
     data = bytearray(storage.read_bytes(victim))
     data[700] ^= 0x55
     storage.write_bytes(victim, bytes(data))
-    verify = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify-shards", f"{output}/manifest.json",
+    verify = subprocess.run([sys.executable, "-m", "cli", "verify-shards", f"{output}/manifest.json",
                              f"endpoint_url={s3_server}", f"region={TEST_REGION}"],
                             capture_output=True, text=True, timeout=300)
     assert verify.returncode == 1

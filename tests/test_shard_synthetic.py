@@ -126,7 +126,7 @@ def test_killed_run_rerun_equals_uninterrupted_run(tmp_path):
     args = ["shard", "--inline", "source.format=coco_instances", f"source.root={raw / 'coco'}",
             "source.split=train", "shard.maxcount=1", "progress=false"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    cli = [sys.executable, "-m", "pipeline.cli"]
+    cli = [sys.executable, "-m", "cli"]
     subprocess.run(cli + args + [f"output={clean}"], check=True, capture_output=True)
 
     proc = subprocess.Popen(cli + args + [f"output={killed}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -4,7 +4,7 @@ decays actually applied, stage transfer from a detection-only Objects365 pretrai
 multi-day run must survive or refuse up front.
 
 Every run uses the tiny model on 96-128 px synthetic images (LSJ at 128). Two-process runs go through
-`torchrun -m pipeline.cli train` as a user would; single-process runs build the Trainer here so the
+`torchrun -m cli train` as a user would; single-process runs build the Trainer here so the
 test can look inside (applied hyper-parameters, weights after a resume, sample keys)."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from data_prep.synthetic import SyntheticSpec, make_synthetic
 from model.config import ModelConfig
 from model.maskdino import MaskDINO
 from pipeline import checkpoint as ckpt
-from pipeline.cli import main
+from cli import main
 from core.config import config_to_dict
 from pipeline.train_config import TrainConfig, load_train_config
 from pipeline.trainer import Trainer, train
@@ -54,7 +54,7 @@ def _free_port() -> int:
 def torchrun_train(overrides: list[str], nproc: int = 2, env: dict[str, str] | None = None
                    ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), "-m", "pipeline.cli", "train", str(CONFIG),
+           "127.0.0.1", "--master_port", str(_free_port()), "-m", "cli", "train", str(CONFIG),
            *COMMON, *overrides]
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=900, check=False)
@@ -429,7 +429,7 @@ def test_the_deepspeed_launcher_runs_the_same_entrypoint_on_two_ranks(shards, tm
     """`deepspeed --num_gpus 2` (on CPU it starts one rank unless told) passes --local_rank=N first."""
     run = tmp_path / "run"
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "--module", "pipeline.cli", "train", str(CONFIG), *COMMON,
+           "--master_port", str(_free_port()), "--module", "cli", "train", str(CONFIG), *COMMON,
            f"run_dir={run}", f"data.manifest={shards / 'manifest.json'}", "schedule.max_steps=2",
            "checkpoint.every_steps=2", f"checkpoint.local_dir={tmp_path / 'local'}"]
     _ok(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False))

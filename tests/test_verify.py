@@ -87,7 +87,7 @@ def test_missing_shard_and_count_mismatch_are_reported(sharded):
 
 
 def test_cli_exit_codes(sharded):
-    cli = [sys.executable, "-m", "pipeline.cli", "verify-shards", str(sharded / "manifest.json")]
+    cli = [sys.executable, "-m", "cli", "verify-shards", str(sharded / "manifest.json")]
     ok = subprocess.run(cli, capture_output=True, text=True)
     assert ok.returncode == 0 and "all checks passed" in ok.stdout
     data = bytearray((sharded / "shard-000000.tar").read_bytes())

@@ -19,8 +19,8 @@ from data_prep.shard_config import SourceConfig
 from data_prep.sources.coco_json import SourceError
 from data_prep.sources.coco_style_build import list_folder
 from data_prep.sources.index import SAMPLE_OVERHEAD_BYTES, SourceIndex, combine_fingerprints, listing_digest
+from data_prep.sources.layout import SourceLayout, source_layout
 
-SPLIT_DIRS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 NUM_CLASSES = 150
 
@@ -57,23 +57,20 @@ class Ade20kIndex(SourceIndex):
         return self._samples[start:stop]
 
 
-def _categories_uri(cfg: SourceConfig, storage: Storage) -> str:
+def categories_uri(cfg: SourceConfig, layout: SourceLayout, storage: Storage) -> str:
+    """The class list to read: source.categories as given, else the first objectInfo150 file under root."""
     if cfg.categories:
         return cfg.categories
-    for name in ("objectInfo150.csv", "objectInfo150.txt"):
-        uri = join(cfg.root, name)
+    for uri in layout.categories:
         if storage.exists(uri):
             return uri
     raise SourceError(f"no objectInfo150.csv or objectInfo150.txt under {cfg.root}; set source.categories")
 
 
 def build(cfg: SourceConfig, storage: Storage, workdir: str) -> Ade20kIndex:
-    split_dir = SPLIT_DIRS.get(cfg.split)
-    if split_dir is None:
-        raise SourceError(f"ADE20K split '{cfg.split}' is unknown; use one of {sorted(SPLIT_DIRS)}")
-    images_dir = cfg.images or join(cfg.root, "images", split_dir)
-    labels_dir = cfg.labels or join(cfg.root, "annotations", split_dir)
-    cat_uri = _categories_uri(cfg, storage)
+    layout = source_layout(cfg)
+    images_dir, labels_dir = layout.images, layout.labels
+    cat_uri = categories_uri(cfg, layout, storage)
     cat_bytes = storage.read_bytes(cat_uri)
     categories = parse_object_info(cat_bytes.decode("utf-8"), cat_uri)
     image_listing = list_folder(storage, images_dir, "image", "source.images")

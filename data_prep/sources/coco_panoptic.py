@@ -33,6 +33,7 @@ from data_prep.sources.index import (
     image_key,
     listing_digest,
 )
+from data_prep.sources.layout import source_layout
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,8 @@ def _check_segments(key: str, entry: PanopticEntry, width: int, height: int, cat
 
 
 def build(cfg: SourceConfig, storage: Storage, workdir: str) -> PanopticIndex:
-    annotation = cfg.annotation or join(cfg.root, "annotations", f"panoptic_{cfg.split}2017.json")
-    images_dir = cfg.images or join(cfg.root, f"{cfg.split}2017")
-    labels_dir = cfg.labels or join(cfg.root, "annotations", f"panoptic_{cfg.split}2017")
+    layout = source_layout(cfg)
+    annotation, images_dir, labels_dir = layout.annotation, layout.images, layout.labels
     path = local_copy(storage, annotation, workdir)
     source = AnnotationFile(path)
     categories = parse_categories(source)

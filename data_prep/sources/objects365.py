@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 
-from core.storage import Storage, join
+from core.storage import Storage
 from data_prep.shard_config import SourceConfig
 from data_prep.sources.coco_style import CocoStyleIndex
 from data_prep.sources.coco_style_build import build_coco_style
+from data_prep.sources.layout import source_layout
 
 _V2_PREFIX = re.compile(r"^images/v\d+/")
 
@@ -22,16 +23,10 @@ def v2_relative_path(file_name: str) -> str:
     return _V2_PREFIX.sub("", file_name, count=1)
 
 
-def default_annotation(cfg: SourceConfig) -> str:
-    name = f"zhiyuan_objv2_{cfg.split}.json" if cfg.version == "v2" else f"objects365_{cfg.split}.json"
-    return join(cfg.root, "annotations", name)
-
-
 def build(cfg: SourceConfig, storage: Storage, workdir: str) -> CocoStyleIndex:
+    layout = source_layout(cfg)
     return build_coco_style(
-        dataset=f"objects365_{cfg.version}", task="detection", split=cfg.split,
-        annotation=cfg.annotation or default_annotation(cfg),
-        images_dir=cfg.images or join(cfg.root, cfg.split),
-        storage=storage, workdir=workdir, with_segmentation=False,
+        dataset=f"objects365_{cfg.version}", task="detection", split=cfg.split, annotation=layout.annotation,
+        images_dir=layout.images, storage=storage, workdir=workdir, with_segmentation=False,
         rel_path_of=v2_relative_path if cfg.version == "v2" else (lambda name: name),
     )
