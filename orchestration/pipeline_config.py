@@ -1,6 +1,6 @@
 """The staged pipeline's declarative side: the ``PIPELINE.yaml`` schema, its validation, the stage graph.
 
-``maskdino run PIPELINE.yaml [key=value ...]`` (and ``--dry-run``) reads one file (DESIGN.md section 5)::
+``maskdino run PIPELINE.yaml [key=value ...]`` (and ``--dry-run``) reads one file (docs/pipeline.md#stage-graph)::
 
     name: demo                          # MLflow parent run name; experiment defaults to it
     run_root: demo_out/pipeline         # local folder or s3:// prefix; relative = to the working directory

@@ -6,7 +6,7 @@ and names) -> torch AdamW over the groups -> LambdaLR (per-group LRs survive; De
 would set every group to one LR and lose the backbone's x0.1) -> `deepspeed.initialize` with ZeRO stage,
 micro-batch, accumulation and full-model gradient clipping from config (precision is autocast in the trainer).
 
-Parameter groups follow the official `build_optimizer` (MODEL_SPEC 8): lr x backbone_multiplier for any
+Parameter groups follow the official `build_optimizer` (docs/model.md#optimizer): lr x backbone_multiplier for any
 module whose name contains "backbone"; weight decay 0 for norm layers, nn.Embedding, and Swin's
 `relative_position_bias_table` / `absolute_pos_embed`; biases keep weight decay (BIAS_LR_FACTOR 1, no
 bias exemption). The official code makes one group per tensor; tensors with equal (lr, weight decay)

@@ -2,7 +2,7 @@
 
 One YAML file per run (configs/train/*.yaml). The model is embedded as a nested mapping that names its
 model config file: ``model: {_base_: ../model/swinl_instance.yaml, num_classes: 80}``; every other
-section has the official defaults (MODEL_SPEC 8) and the files set what differs. Everything here is
+section has the official defaults (docs/model.md#training-recipe) and the files set what differs. Everything here is
 checked before any process group, model or data stream exists, so a typo fails in a second, not after
 a minute of start-up.
 """

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from cli import main
 from core.config import ConfigError
 from core.storage import Storage
 from data_prep.synthetic import SyntheticSpec, make_synthetic
-from pipeline.cli import main
 from pipeline.model_tools import build_model, load_model_config
 from pipeline.parallelize import param_groups
 from pipeline.train_config import TrainConfig, load_train_config
