@@ -44,9 +44,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.config, args.overrides)
     if args.dry_run:
-        print("\n".join(check_training(cfg).lines()))
+        print("\n".join(check_training(cfg, Storage(cfg.storage)).lines()))
         return 0
-    result = train(cfg)
+    result = train(cfg, Storage(cfg.storage))
     if result.rank == 0:
         stats = result.loader_stats
         print(f"trained {result.steps} steps into {result.run_dir}; last checkpoint "

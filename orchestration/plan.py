@@ -76,13 +76,14 @@ import json
 import os
 import subprocess
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from core.config import ConfigError, config_to_dict, with_values
 from core.storage import Storage, StorageError, join
 from data_prep.shard_config import ShardJobConfig
+from data_prep.sources.layout import source_layout
 from orchestration.pipeline_config import (
     EvaluateStage,
     LoadedStage,
@@ -193,18 +194,11 @@ def registered_uri(output: str) -> str:
 
 
 def _label_files(cfg: ShardJobConfig, split: str) -> tuple[list[str], list[str]]:
-    """(files, folders) that carry the labels of ``split``, located as data_prep/sources does."""
-    src = cfg.source
-    if src.format == "coco_instances":
-        return [src.annotation or join(src.root, "annotations", f"instances_{split}2017.json")], []
-    if src.format == "coco_panoptic":
-        return [src.annotation or join(src.root, "annotations", f"panoptic_{split}2017.json")], []
-    if src.format == "objects365":
-        name = f"zhiyuan_objv2_{split}.json" if src.version == "v2" else f"objects365_{split}.json"
-        return [src.annotation or join(src.root, "annotations", name)], []
-    split_dir = {"train": "training", "val": "validation"}.get(split, split)  # ade20k
-    categories = [src.categories] if src.categories else [join(src.root, f"objectInfo150.{e}") for e in ("csv", "txt")]
-    return categories, [src.labels or join(src.root, "annotations", split_dir)]
+    """(files, folders) that carry the labels of ``split``, located as data_prep/sources reads them."""
+    layout = source_layout(replace(cfg.source, split=split))
+    if cfg.source.format == "ade20k":
+        return list(layout.categories), [layout.labels]
+    return [layout.annotation], []
 
 
 def source_fingerprint(cfg: ShardJobConfig, splits: Iterable[str], storage: Storage

@@ -36,6 +36,7 @@ from typing_extensions import Self
 
 from core.config import ConfigError, config_to_dict
 from core.storage import Storage, is_s3, join
+from data_prep.fanout import quiet_local_ray_auth_notice
 from orchestration import plan as planning
 from orchestration.pipeline_config import EvaluateStage, Pipeline, RegisterStage, load_pipeline, stage_names
 from pipeline.eval_data import iter_eval_samples
@@ -129,6 +130,7 @@ class _ray:
                 kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=self.cfg.dashboard_port)
                 if self.cfg.num_cpus:
                     kwargs["num_cpus"] = self.cfg.num_cpus
+                quiet_local_ray_auth_notice()
             ray.init(**kwargs)  # Ray prints the dashboard's URL
             self.started = True
         return self

@@ -46,9 +46,8 @@ class TrainDryRun:
         ]
 
 
-def check_training(cfg: TrainConfig, storage: Storage | None = None) -> TrainDryRun:
+def check_training(cfg: TrainConfig, storage: Storage) -> TrainDryRun:
     """The trainer's preflight and the run_dir location; TrainError / LoaderError / StorageError (one line)
     at the first problem."""
-    storage = storage or Storage(cfg.storage)
     plan = preflight(cfg, storage)
     return TrainDryRun(cfg, plan, check_writable(storage, cfg.run_dir))

@@ -1,6 +1,6 @@
 """The training run: DeepSpeed ZeRO on streamed shards, checkpointed and exactly resumable.
 
-`train(cfg)` is the one entrypoint; it runs the same in one process, under torchrun / the deepspeed
+`train(cfg, storage)` is the one entrypoint; it runs the same in one process, under torchrun / the deepspeed
 launcher, and (issue 6) under Ray Train. Order of the set-up (each step needs the one before):
 
 1. `preflight`: every input is checked (manifest readable and matching the model's classes, the
@@ -282,9 +282,9 @@ def _state_path(ckpt_dir: str, rank: int) -> str:
 class Trainer:
     """One run of `cfg`. Use `run()`; `close()` releases the process group and the logger."""
 
-    def __init__(self, cfg: TrainConfig, storage: Storage | None = None, logger: Logger | None = None):
+    def __init__(self, cfg: TrainConfig, storage: Storage, logger: Logger | None = None):
         self.cfg = cfg
-        self.storage = storage or Storage(cfg.storage)
+        self.storage = storage
         self.plan = preflight(cfg, self.storage)  # before anything expensive or collective
         self.rank, self.world, self._own_group = init_process_group()
         self.logger: Logger | None = logger
@@ -579,7 +579,7 @@ class Trainer:
                 dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, storage: Storage | None = None, logger: Logger | None = None) -> TrainResult:
+def train(cfg: TrainConfig, storage: Storage, logger: Logger | None = None) -> TrainResult:
     """The entrypoint: preflight -> build -> (resume) -> train -> checkpoint -> export -> close.
     logger: rank 0's logger (default console + JSONL in run_dir); other ranks should pass None."""
     trainer = Trainer(cfg, storage, logger)

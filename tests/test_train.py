@@ -233,7 +233,7 @@ def test_applied_learning_rates_and_weight_decays_after_init_and_after_resume(sh
     (milestones [1]), so after a resume at step 2 every group runs at a tenth."""
     args = [f"run_dir={tmp_path / 'run'}", f"data.manifest={shards / 'manifest.json'}", "schedule.max_steps=2",
             "checkpoint.every_steps=2", "schedule.milestones=[1]", "export=false"]
-    trainer = Trainer(config(tmp_path, *args))
+    trainer = Trainer(config(tmp_path, *args), Storage())
     try:
         names = _pick(trainer.engine.module)
         applied = trainer.applied_hyperparams()
@@ -243,7 +243,8 @@ def test_applied_learning_rates_and_weight_decays_after_init_and_after_resume(sh
         trainer.run()
     finally:
         trainer.close()
-    resumed = Trainer(config(tmp_path, *args[:2], "schedule.max_steps=3", "schedule.milestones=[1]", "export=false"))
+    resumed = Trainer(config(tmp_path, *args[:2], "schedule.max_steps=3", "schedule.milestones=[1]", "export=false"),
+                      Storage())
     try:
         assert resumed.step == 2
         applied = resumed.applied_hyperparams()
@@ -277,7 +278,7 @@ def test_stage_transfer_from_a_detection_only_objects365_pretrain(raw, shards, t
         *COMMON, f"run_dir={pretrain}", f"data.manifest={o365 / 'manifest.json'}", "schedule.max_steps=2",
         "checkpoint.every_steps=2", f"checkpoint.local_dir={tmp_path / 'local'}"])
     assert pretrain_cfg.model.num_classes == 365 and not pretrain_cfg.model.loss.mask_losses
-    result = train(pretrain_cfg)
+    result = train(pretrain_cfg, Storage())
     assert result.steps == 2
     logged = read_metrics(Storage(), str(pretrain))[2]
     assert "loss/loss_bbox" in logged and not any("mask" in k or "dice" in k for k in logged)  # boxes only
@@ -287,7 +288,7 @@ def test_stage_transfer_from_a_detection_only_objects365_pretrain(raw, shards, t
     finetune = tmp_path / "finetune"
     cfg = config(tmp_path, f"run_dir={finetune}", f"data.manifest={shards / 'manifest.json'}",
                  f"init_from={pretrain / 'model'}", "schedule.max_steps=1", "checkpoint.every_steps=1")
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, Storage())
     try:
         start = trainer.engine.module.state_dict()
         expected = _label_shaped(cfg.model)
@@ -348,7 +349,7 @@ def test_a_failing_shard_is_skipped_and_counted_when_the_config_says_so(shards_c
     run = tmp_path / "run"
     result = train(config(tmp_path, f"run_dir={run}", f"data.manifest={shards_copy / 'manifest.json'}",
                           "data.retry_backoff_s=0", "data.skip_failed_shards=true", "schedule.max_steps=4",
-                          "checkpoint.every_steps=4", "export=false"))
+                          "checkpoint.every_steps=4", "export=false"), Storage())
     assert result.steps == 4 and result.loader_stats.shards_skipped >= 1
     assert read_metrics(Storage(), str(run))[4]["data/shards_skipped"] >= 1
 
@@ -368,7 +369,7 @@ def test_an_undecodable_image_is_skipped_counted_and_logged(shards_copy, tmp_pat
     run = tmp_path / "run"
     seen: list[str] = []
     trainer = Trainer(config(tmp_path, f"run_dir={run}", f"data.manifest={shards_copy / 'manifest.json'}",
-                             "schedule.max_steps=4", "checkpoint.every_steps=4", "export=false"))
+                             "schedule.max_steps=4", "checkpoint.every_steps=4", "export=false"), Storage())
     try:
         result = trainer.run(on_batch=lambda step, keys: seen.extend(keys))
     finally:
@@ -401,7 +402,7 @@ def test_bad_inputs_fail_before_training_with_one_line(case, shards, tmp_path, c
         expect = "unreadable"
     else:  # a complete-looking checkpoint whose file was changed after publishing
         assert train(config(tmp_path, f"run_dir={tmp_path / 'good'}", f"data.manifest={shards / 'manifest.json'}",
-                            "schedule.max_steps=1", "checkpoint.every_steps=1", "export=false")).steps == 1
+                            "schedule.max_steps=1", "checkpoint.every_steps=1", "export=false"), Storage()).steps == 1
         good = ckpt.checkpoint_uri(str(tmp_path / "good"), 1)
         state = Path(good) / "trainer_state" / "rank_0.pt"
         data = bytearray(state.read_bytes())
@@ -419,7 +420,7 @@ def test_bad_inputs_fail_before_training_with_one_line(case, shards, tmp_path, c
 def test_bf16_runs_the_forward_under_autocast_and_keeps_fp32_weights(shards, tmp_path):
     run = tmp_path / "run"
     result = train(config(tmp_path, f"run_dir={run}", f"data.manifest={shards / 'manifest.json'}",
-                          "engine.precision=bf16", "schedule.max_steps=2", "checkpoint.every_steps=2"))
+                          "engine.precision=bf16", "schedule.max_steps=2", "checkpoint.every_steps=2"), Storage())
     assert result.steps == 2 and all(math.isfinite(v) for v in result.losses.values())
     weights = load_safetensors((run / "model" / "model.safetensors").read_bytes())
     assert {t.dtype for t in weights.values()} == {torch.float32}
