@@ -15,6 +15,7 @@ are merged here, which changes nothing in AdamW's maths.
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -165,10 +166,27 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, world_size: int) 
 UNIVERSAL_CHECKPOINT_INFO = {"universal_checkpoint_version": 0.2}
 
 
+class _DropNoCudaNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def quiet_cuda_probe_on_cpu() -> None:
+    """deepspeed imports torch.utils.cpp_extension, which logs "No CUDA runtime is found" on a machine
+    without a GPU: a warning about nothing a CPU run needs, printed on the stderr that a user reads for
+    our one-line errors. Dropped there only; on a GPU machine nothing changes."""
+    if torch.cuda.is_available():
+        return
+    probe_log = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _DropNoCudaNotice) for f in probe_log.filters):
+        probe_log.addFilter(_DropNoCudaNotice())
+
+
 def build_engine(model: nn.Module, optim: OptimConfig, schedule: ScheduleConfig, engine: EngineConfig,
                  world_size: int, load_universal: bool = False):
     """(DeepSpeed engine, its optimizer, its LR scheduler). The process group must exist already.
     load_universal: the checkpoint to be loaded is a universal one (written at another world size)."""
+    quiet_cuda_probe_on_cpu()
     # deepspeed takes seconds to import: loading a train config (which imports this module) must not
     import deepspeed
 
