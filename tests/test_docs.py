@@ -187,3 +187,18 @@ def test_the_checks_report_file_line_and_citation(tmp_path):
     found = outside_references(tmp_path)
     assert [f.split(": ")[0] for f in found] == ["model/a.py:3"]
     assert "MODEL" "_SPEC" in found[0]
+
+
+ARCHITECTURE_PACKAGES = ("core", "data_prep", "model", "pipeline", "orchestration", "cli", "csrc")
+CODE_SUFFIXES = (".py", ".cpp", ".cu", ".h")
+
+
+def test_architecture_lists_every_source_file_once_and_nothing_else():
+    """docs/architecture.md has one line per source file: a new file is described, a removed one is gone."""
+    text = (DOCS / "architecture.md").read_text()
+    listed = re.findall(r"^- `([^`]+)`:", text, flags=re.M)
+    files = sorted(p.relative_to(ROOT).as_posix() for pkg in ARCHITECTURE_PACKAGES
+                   for p in (ROOT / pkg).rglob("*") if p.suffix in CODE_SUFFIXES and "__pycache__" not in p.parts)
+    assert sorted(set(files) - set(listed)) == [], "source files without a line in docs/architecture.md"
+    assert sorted(set(listed) - set(files)) == [], "lines in docs/architecture.md for files that do not exist"
+    assert len(listed) == len(set(listed)), "a file listed twice"
