@@ -4,6 +4,7 @@ their traceback; Ctrl-C ends with 130."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from core.config import ConfigError
@@ -43,8 +44,12 @@ def is_user_error(exc: Exception) -> bool:
     return isinstance(exc, heavy_user_errors())
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def one_line(exc: Exception) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
+    """The message's first line, without terminal colour codes (some libraries colour what they wrap)."""
+    lines = [line for line in _ANSI_ESCAPE.sub("", str(exc)).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 
 

@@ -136,3 +136,11 @@ def test_yaml_alias_bomb_is_refused_in_bounded_memory(raw, tmp_path):
     line = _one_error_line(run)
     assert str(config) in line and "alias" in line
     assert int(peak.read_text()) < 1024 * 1024, f"peak RSS {peak.read_text()} KiB"
+
+
+def test_an_error_line_never_carries_terminal_colour_codes():
+    """Whatever wraps an error in colours (Ray does), the line the user reads is plain text."""
+    from cli.errors import one_line
+
+    wrapped = ValueError("\x1b[36mray::write_shard()\x1b[39m (pid=1, ip=10.0.0.1) failed\nTraceback (most recent ...")
+    assert one_line(wrapped) == "ray::write_shard() (pid=1, ip=10.0.0.1) failed"
