@@ -35,11 +35,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from core.storage import Storage, StorageConfig, join
 from orchestration.pipeline_config import ScalingConfig
+from pipeline.bundle_files import CONFIG_NAME, WEIGHTS_NAME
 from pipeline.checkpoint import latest_complete
 from pipeline.eval_settings import EvalSettings
 from pipeline.evaluate import EvalReport, evaluate, read_report, write_report
 from pipeline.mlflow_tracking import MlflowLogger, enable_system_metrics
-from pipeline.bundle_files import CONFIG_NAME, WEIGHTS_NAME
 from pipeline.model_bundle import ModelBundle, open_bundle
 from pipeline.tracking import Logger, MultiLogger, make_logger
 from pipeline.train_config import TrainConfig
