@@ -17,10 +17,10 @@ import torch
 from tqdm import tqdm
 
 from core.manifest import Manifest, load_manifest
+from core.shard_sample import ShardSample
 from core.storage import Storage, join
 from model.structures import ImageResult
 from pipeline.distributed import gather_to_rank0, rank_and_world
-from core.shard_sample import ShardSample
 from pipeline.eval_data import iter_eval_samples, num_batches
 from pipeline.eval_settings import EvalSettings
 from pipeline.evaluators import EvalInputError, Evaluator, TaskReport, make_evaluator

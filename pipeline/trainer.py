@@ -38,14 +38,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from core.config import ConfigError, dump_config
 from core.manifest import Manifest
 from core.records import Category
+from core.shard_sample import ShardSample
 from core.storage import Storage, StorageError, join
 from model.structures import Targets
 from pipeline import checkpoint as ckpt
-from core.config import ConfigError, dump_config
 from pipeline.distributed import gather_to_rank0, init_from_env, rank_and_world
-from core.shard_sample import ShardSample
 from pipeline.loader import LoaderStats, TrainLoader, read_training_manifest
 from pipeline.model_bundle import save_bundle
 from pipeline.model_tools import build_model
