@@ -3,7 +3,8 @@
 Protocol, per checkpoint step (ordering matters):
 1. every rank saves through DeepSpeed into a local folder (fast local disk, node-local on clusters);
 2. every rank uploads the files it owns (`files_of_rank`: its own `zero_pp_rank_<r>_*` shards; rank 0
-   also the rank-independent files: model states, `latest`, our client state), each written atomically
+   also the rank-independent files: model states and our client state; the trainer asks DeepSpeed for no
+   `latest` file, since `COMPLETE.json` says which checkpoints are whole), each written atomically
    by Storage (temp + rename locally, multipart completion on S3);
 3. after a barrier, rank 0 writes `COMPLETE.json` last: the step and every file with its size and sha256.
 A checkpoint without its marker, or whose listed files are missing or of the wrong size, is torn:
