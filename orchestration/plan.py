@@ -47,7 +47,8 @@ on a fixed checkout. :func:`git_revision` (commit, ``-dirty``) is recorded in ma
 
 **Outputs.** Stage ``S`` with key ``K`` writes under ``<run_root>/stages/S/<K[:12]>/``
 (:func:`stage_output`): shard ``<out>/<split>/manifest.json``; train: ``<out>`` is the ``run_dir``
-(bundle ``<out>/model``); evaluate ``<out>/report.json``; register ``<out>/registered.json``.
+(bundle ``<out>/model``); evaluate ``<out>/report.json``; register: only its marker, whose ``result`` holds the
+registered name, version and champion.
 
 **Markers.** ``<out>/_SUCCESS.json`` = ``{stage, kind, key, finished_at, code_version, git, result,
 material}``, written last (atomic ``Storage.write_bytes``), then a copy at
@@ -112,7 +113,6 @@ __all__ = [
     "input_report",
     "make_plan",
     "read_success",
-    "registered_uri",
     "report_uri",
     "shard_configs",
     "shard_manifest",
@@ -184,10 +184,6 @@ def bundle_uri(output: str) -> str:
 
 def report_uri(output: str) -> str:
     return join(output, "report.json")
-
-
-def registered_uri(output: str) -> str:
-    return join(output, "registered.json")
 
 
 # ------------------------------------------------------------------------------ raw-data fingerprint
