@@ -18,7 +18,8 @@ from core.storage import Storage, join
 from data_prep.fanout import run_jobs
 from data_prep.plan import plan_shards
 from data_prep.shard_config import ShardJobConfig
-from data_prep.sources import SourceError, SourceIndex, build_index
+from data_prep.sources import SourceIndex, build_index
+from data_prep.sources.layout import require_output
 from data_prep.writer import ShardJob, ShardResult
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,7 @@ def _jobs(index: SourceIndex, cfg: ShardJobConfig, storage: Storage):
 def shard_dataset(cfg: ShardJobConfig) -> ShardSummary:
     """Shard one split as configured; raises SourceError/StorageError/StrictRejectError with one-line
     messages for problems the user must fix."""
-    if not cfg.output:
-        raise SourceError("output is empty; pass output=PATH (a local folder or s3:// URI)")
+    require_output(cfg.output)
     started = time.perf_counter()
     storage = Storage(cfg.storage)
     with tempfile.TemporaryDirectory(prefix="maskdino-shard-") as workdir:

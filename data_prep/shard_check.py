@@ -10,7 +10,7 @@ from core.storage import Storage
 from core.storage.location import check_writable
 from data_prep.shard_config import ShardJobConfig
 from data_prep.sources import SourceError
-from data_prep.sources.layout import SourceLayout, source_layout
+from data_prep.sources.layout import SourceLayout, require_output, require_source, source_layout
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,8 @@ class ShardDryRun:
 def check_shard_job(cfg: ShardJobConfig, split_cfgs: Sequence[ShardJobConfig]) -> ShardDryRun:
     """Every split's inputs and the output location; SourceError / StorageError (one line) at the first
     problem. `split_cfgs`: the per-split configs `cfg` expands to (data_prep.shard_config.split_configs)."""
-    if not cfg.source.root and not (cfg.source.annotation or cfg.source.images):
-        raise SourceError("source.root is empty; pass source.root=PATH (a local folder or s3:// URI)")
-    if not cfg.output:
-        raise SourceError("output is empty; pass output=PATH (a local folder or s3:// URI)")
+    require_source(cfg.source)
+    require_output(cfg.output)
     storage = Storage(cfg.storage)
     splits = [SplitCheck(c.source.split, c.output, _check_inputs(c, source_layout(c.source), storage))
               for c in split_cfgs]

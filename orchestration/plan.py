@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.config import ConfigError, config_to_dict, with_values
 from core.storage import Storage, StorageError, join
-from data_prep.shard_config import ShardJobConfig
+from data_prep.shard_config import ShardJobConfig, split_configs
 from data_prep.sources.layout import source_layout
 from orchestration.pipeline_config import (
     EvaluateStage,
@@ -510,5 +510,4 @@ def shard_configs(plan: Plan, stage: str) -> list[ShardJobConfig]:
     the config the pipeline loaded (and keyed) for the stage, with its real locations."""
     loaded = plan.pipeline.stages[stage]
     assert isinstance(loaded.cfg, ShardStage)
-    cfg = with_values(_shard_config(loaded), _real_wiring(plan, stage))
-    return [with_values(cfg, {"source.split": s, "output": join(cfg.output, s)}) for s in loaded.cfg.splits]
+    return split_configs(with_values(_shard_config(loaded), _real_wiring(plan, stage)), loaded.cfg.splits)

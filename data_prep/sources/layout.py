@@ -22,6 +22,18 @@ class SourceLayout:
     categories: tuple[str, ...] = ()  # ADE20K class list: the first of these that exists is read
 
 
+def require_source(cfg: SourceConfig) -> None:
+    """SourceError (naming the fix) when the config says nothing about where the raw split is."""
+    if not cfg.root and not (cfg.annotation or cfg.images):
+        raise SourceError("source.root is empty; pass source.root=PATH (a local folder or s3:// URI)")
+
+
+def require_output(output: str) -> None:
+    """SourceError (naming the fix) when a sharding run has no output location."""
+    if not output:
+        raise SourceError("output is empty; pass output=PATH (a local folder or s3:// URI)")
+
+
 def source_layout(cfg: SourceConfig) -> SourceLayout:
     """The inputs of `cfg.split`; SourceError for a split the format does not have."""
     root, split = cfg.root, cfg.split
