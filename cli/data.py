@@ -126,7 +126,7 @@ def run_verify_shards(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with tqdm(total=manifest.counts.samples, unit="samples", desc="verify-shards", disable=None) as bar:
         report = verify_shards(storage, args.manifest, on_shard=lambda c: bar.update(c.samples),
-                               workers=args.workers)
+                               workers=args.workers, manifest=manifest)
     seconds = time.perf_counter() - started
     for problem in report.problems:
         print(f"problem: {problem}", file=sys.stderr)

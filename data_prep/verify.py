@@ -105,10 +105,10 @@ def _check_one(storage: Storage, url: str, manifest: Manifest, entry) -> ShardCh
 
 
 def verify_shards(storage: Storage, manifest_uri: str, on_shard: Callable[[ShardCheck], None] | None = None,
-                  workers: int = 4) -> VerifyReport:
+                  workers: int = 4, manifest: Manifest | None = None) -> VerifyReport:
     """Check every shard, `workers` at a time (threads: reads and sha256 release the GIL, and on
     S3 the time is spent waiting for bytes). Checks come back in manifest order."""
-    manifest = load_manifest(storage, manifest_uri)
+    manifest = manifest or load_manifest(storage, manifest_uri)  # the caller's parsed copy, when it has one
     pairs = list(zip(shard_urls(manifest, manifest_uri), manifest.shards))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(_check_one, storage, url, manifest, entry) for url, entry in pairs]
